@@ -1,0 +1,1 @@
+"""capline: a DAG training pipeline for image captioning and sequence models."""

@@ -1,0 +1,5 @@
+"""`python -m pipeline` = the `capline` command."""
+
+from pipeline.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Data preparation: the sample set, COCO, text corpora, tokenisation, vocabularies, downloads."""

@@ -1,0 +1,25 @@
+"""Word tokenisation with NLTK, offline: no punkt download is needed with preserve_line=True."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from nltk.tokenize import word_tokenize
+
+
+def normalise(text: str) -> str:
+    """NFC-normalise and turn control characters (other than newline and tab) into spaces."""
+    text = unicodedata.normalize("NFC", text)
+    return "".join(
+        ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" else " " for ch in text
+    )
+
+
+def tokenize(text: str, lowercase: bool = True) -> list[str]:
+    """Split text into word tokens with NLTK's Treebank rules (sentence splitting off)."""
+    if not isinstance(text, str):
+        raise TypeError(f"tokenize expects str, got {type(text).__name__}")
+    text = normalise(text)
+    if lowercase:
+        text = text.lower()
+    return word_tokenize(text, preserve_line=True)

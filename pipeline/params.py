@@ -1,0 +1,215 @@
+"""The one reader of params.yaml: typed sections, overrides, and errors that name the key.
+
+Models declare types and ranges but no defaults: every default lives in params.yaml, so a
+missing key fails loudly instead of silently taking a value from code.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PATH = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """Params that cannot be used: the message names the file, the key and what was expected."""
+
+
+class Section(BaseModel):
+    """Base of every params section: strict types, unknown keys rejected, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class PathsParams(Section):
+    sample: str
+    coco: str
+    text: str
+    vocab: str
+    encoded: str
+    embeddings: str
+    metrics: str
+
+
+class CocoSourceParams(Section):
+    annotations: str
+    images: str
+    val_annotations: str | None
+    val_images: str | None
+
+    @model_validator(mode="after")
+    def _val_pair(self) -> CocoSourceParams:
+        if (self.val_annotations is None) != (self.val_images is None):
+            raise ValueError("val_annotations and val_images must be given together (or both null)")
+        return self
+
+
+class TextSourceParams(Section):
+    files: list[str]
+
+
+class DataParams(Section):
+    coco: CocoSourceParams
+    text: TextSourceParams
+
+
+class SampleParams(Section):
+    images: int = Field(ge=3)
+    image_size: int = Field(ge=32, le=1024)
+    jpeg_quality: int = Field(ge=10, le=100)
+    min_shapes: int = Field(ge=1, le=3)
+    max_shapes: int = Field(ge=1, le=3)
+
+    @model_validator(mode="after")
+    def _shape_range(self) -> SampleParams:
+        if self.min_shapes > self.max_shapes:
+            raise ValueError("min_shapes must be <= max_shapes")
+        return self
+
+
+class CocoSplitParams(Section):
+    val: int = Field(ge=0)
+    test: int = Field(ge=0)
+
+
+class PrepareCocoParams(Section):
+    image_size: int = Field(ge=16, le=1024)
+    split: CocoSplitParams
+    max_skipped_fraction: float = Field(ge=0.0, le=1.0)
+    workers: int = Field(ge=0, le=512)
+    chunk_size: int = Field(ge=1, le=100_000)
+    max_caption_tokens: int = Field(ge=1)
+
+
+class TextSplitParams(Section):
+    val: float = Field(gt=0.0, lt=0.5)
+    test: float = Field(gt=0.0, lt=0.5)
+
+
+class PrepareTextParams(Section):
+    split: TextSplitParams
+    lowercase_words: bool
+
+
+class VocabParams(Section):
+    sources: list[Literal["captions", "text"]] = Field(min_length=1)
+    min_freq: int = Field(ge=1)
+    max_size: int = Field(ge=5)
+    char_min_freq: int = Field(ge=1)
+
+
+class EmbeddingsParams(Section):
+    pretrained: Literal["glove-6b-50d"] | None
+    dim: int = Field(ge=2, le=1024)
+    window: int = Field(ge=1, le=50)
+    negatives: int = Field(ge=1, le=100)
+    subsample: float = Field(gt=0.0, le=1.0)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0.0, le=10.0)
+    probe_words: list[str]
+    neighbours: int = Field(ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _glove_dim(self) -> EmbeddingsParams:
+        if self.pretrained == "glove-6b-50d" and self.dim != 50:
+            raise ValueError(f"dim must be 50 with pretrained glove-6b-50d (got {self.dim})")
+        return self
+
+
+class Params(Section):
+    """The whole of params.yaml."""
+
+    seed: int = Field(ge=0)
+    paths: PathsParams
+    data: DataParams
+    sample: SampleParams
+    prepare_coco: PrepareCocoParams
+    prepare_text: PrepareTextParams
+    vocab: VocabParams
+    embeddings: EmbeddingsParams
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (for logging and hashing)."""
+        return self.model_dump(mode="json")
+
+
+def load_params(
+    path: str | Path = DEFAULT_PATH,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+) -> Params:
+    """Read params.yaml, apply dotted-key overrides, validate; raise ParamsError naming the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the project root, or pass --params)") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return validate_params(apply_overrides(raw, overrides or {}, source=str(path)), source=str(path))
+
+
+def validate_params(raw: Mapping[str, Any], source: str = "params") -> Params:
+    """Validate a nested dict into Params; errors list every bad key with what was expected."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(format_validation_error(err, source)) from None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: `source: key.path: what was expected (got value)`."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(part) for part in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            what = "unknown key (not in params.yaml's schema; check the spelling)"
+        elif e["type"] == "missing":
+            what = "missing key (every default lives in params.yaml)"
+        else:
+            what = f"{e['msg']} (got {e.get('input')!r})"
+        lines.append(f"{source}: {key}: {what}")
+    return "invalid params:\n  " + "\n  ".join(lines)
+
+
+def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
+    """Parse CLI `key=value` strings; values are YAML (so 3 is an int, [a, b] a list, null None)."""
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"--set {item!r}: expected key=value, e.g. vocab.min_freq=2")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ParamsError(f"--set {key}: value is not valid YAML: {err}") from None
+    return out
+
+
+def apply_overrides(
+    raw: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[str], source: str = "params"
+) -> dict[str, Any]:
+    """Return a copy of `raw` with dotted keys replaced; a key that does not exist is an error."""
+    if not isinstance(overrides, Mapping):
+        overrides = parse_assignments(overrides)
+    merged = copy.deepcopy(dict(raw))
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node: Any = merged
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                prefix = ".".join(parts[: depth + 1])
+                raise ParamsError(f"{source}: override {dotted}: no section {prefix!r} in params")
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ParamsError(f"{source}: override {dotted}: unknown key (not in params)")
+        node[parts[-1]] = copy.deepcopy(value)
+    return merged

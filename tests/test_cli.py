@@ -1,0 +1,43 @@
+"""The capline CLI: params inspection, overrides through the one loader, running a stage."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from tests.conftest import ROOT
+
+runner = CliRunner()
+PARAMS = str(ROOT / "params.yaml")
+
+
+def test_params_check_ok_and_show_applies_set():
+    assert runner.invoke(app, ["params", "check", "--params", PARAMS]).exit_code == 0
+    result = runner.invoke(app, ["params", "show", "--params", PARAMS, "--set", "vocab.min_freq=9"])
+    assert result.exit_code == 0
+    assert yaml.safe_load(result.stdout)["vocab"]["min_freq"] == 9
+
+
+def test_bad_set_exits_2_naming_the_key():
+    result = runner.invoke(app, ["params", "check", "--params", PARAMS, "--set", "vocab.min_freq=-1"])
+    assert result.exit_code == 2
+    assert "vocab.min_freq" in result.output and "greater than or equal to 1" in result.output
+    result = runner.invoke(app, ["params", "check", "--params", PARAMS, "-S", "vocab.nope=1"])
+    assert result.exit_code == 2 and "vocab.nope: unknown key" in result.output
+
+
+def test_stage_command_runs_with_overrides(tmp_path: Path):
+    result = runner.invoke(app, ["stage", "prepare_text", "--params", PARAMS,
+                                 "--set", f"paths.text={tmp_path / 'text'}",
+                                 "--set", f"paths.metrics={tmp_path / 'metrics'}"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "text" / "train.words.txt").stat().st_size > 0
+    assert (tmp_path / "metrics" / "prepare_text.json").is_file()
+
+
+def test_python_dash_m_pipeline():
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "data" in proc.stdout and "stage" in proc.stdout

@@ -1,0 +1,61 @@
+"""Atomic writes: a failure part-way leaves the previous output whole and no temp files behind."""
+
+import errno
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.io import atomic_dir, atomic_open, read_json, save_npy, write_json
+
+
+def test_write_json_round_trip(tmp_path):
+    write_json(tmp_path / "a" / "m.json", {"x": 1, "y": "é"})
+    assert read_json(tmp_path / "a" / "m.json") == {"x": 1, "y": "é"}
+
+
+def test_failed_write_keeps_previous_file(tmp_path):
+    path = tmp_path / "m.json"
+    write_json(path, {"good": True})
+    with pytest.raises(OSError), atomic_open(path) as fh:
+        fh.write('{"half": ')
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert json.loads(path.read_text()) == {"good": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_failed_npy_write_keeps_previous_array(tmp_path, monkeypatch):
+    path = tmp_path / "a.npy"
+    save_npy(path, np.arange(3))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_npy(path, np.arange(10))
+    monkeypatch.undo()
+    assert np.load(path).tolist() == [0, 1, 2]
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_dir_replaces_whole_or_nothing(tmp_path):
+    out = tmp_path / "out"
+    with atomic_dir(out) as d:
+        (d / "one.txt").write_text("1")
+    with pytest.raises(RuntimeError), atomic_dir(out) as d:
+        (d / "two.txt").write_text("2")
+        raise RuntimeError("killed mid-stage")
+    assert sorted(p.name for p in out.iterdir()) == ["one.txt"]
+    with atomic_dir(out) as d:
+        (d / "three.txt").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["three.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_read_json_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json: not found"):
+        read_json(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match="bad.json: not valid UTF-8 JSON"):
+        read_json(tmp_path / "bad.json")

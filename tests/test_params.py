@@ -1,0 +1,95 @@
+"""params.yaml loading: every default validates; bad keys, types and ranges are named."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import ParamsError, apply_overrides, load_params, parse_assignments
+from tests.conftest import ROOT
+
+
+def test_real_params_yaml_validates():
+    p = load_params(ROOT / "params.yaml")
+    assert p.vocab.min_freq >= 1
+    assert p.data.coco.annotations.startswith(p.paths.sample)
+
+
+def test_override_changes_only_that_key():
+    p = load_params(ROOT / "params.yaml", {"vocab.min_freq": 7, "prepare_coco.split.val": 3})
+    base = load_params(ROOT / "params.yaml")
+    assert (p.vocab.min_freq, p.prepare_coco.split.val) == (7, 3)
+    assert p.vocab.max_size == base.vocab.max_size
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "expected"),
+    [
+        ({"vocab.min_freq": 0}, "vocab.min_freq", "greater than or equal to 1"),
+        ({"vocab.min_freq": "3"}, "vocab.min_freq", "valid integer"),
+        ({"embeddings.pretrained": "word2vec"}, "embeddings.pretrained", "glove-6b-50d"),
+        ({"vocab.sources": []}, "vocab.sources", "at least 1"),
+        ({"prepare_text.split.val": 0.7}, "prepare_text.split.val", "less than 0.5"),
+        ({"embeddings.pretrained": "glove-6b-50d", "embeddings.dim": 8}, "embeddings", "dim must be 50"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, key, expected):
+    with pytest.raises(ParamsError) as err:
+        load_params(ROOT / "params.yaml", overrides)
+    assert f"{key}:" in str(err.value) and expected in str(err.value)
+
+
+def test_unknown_key_in_file_is_rejected(tmp_path: Path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["vocab"]["min_frequency"] = 2
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"vocab.min_frequency: unknown key"):
+        load_params(path)
+
+
+def test_missing_key_in_file_is_rejected(tmp_path: Path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw["embeddings"]["window"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"embeddings.window: missing key"):
+        load_params(path)
+
+
+def test_unknown_override_key_is_rejected():
+    with pytest.raises(ParamsError, match="vocab.min_freqq: unknown key"):
+        load_params(ROOT / "params.yaml", {"vocab.min_freqq": 2})
+    with pytest.raises(ParamsError, match="no section 'vocabulary'"):
+        load_params(ROOT / "params.yaml", {"vocabulary.min_freq": 2})
+
+
+def test_assignments_parse_yaml_values():
+    assert parse_assignments(["a.b=3", "c=[x, y]", "d=null", "e=1.5e-3"]) == {
+        "a.b": 3, "c": ["x", "y"], "d": None, "e": 1.5e-3}
+    with pytest.raises(ParamsError, match="expected key=value"):
+        parse_assignments(["novalue"])
+
+
+def test_overrides_do_not_mutate_input():
+    raw = {"a": {"b": 1}}
+    assert apply_overrides(raw, {"a.b": 2}) == {"a": {"b": 2}}
+    assert raw == {"a": {"b": 1}}
+
+
+def test_file_errors_name_the_file(tmp_path: Path):
+    with pytest.raises(ParamsError, match="nope.yaml: file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ParamsError, match="bad.yaml: not valid YAML"):
+        load_params(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(scalar)
+
+
+def test_val_files_must_come_in_pairs():
+    with pytest.raises(ParamsError, match="data.coco: .*given together"):
+        load_params(ROOT / "params.yaml", {"data.coco.val_annotations": "x.json"})
