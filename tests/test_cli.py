@@ -1,9 +1,13 @@
 """The capline CLI: params inspection, overrides through the one loader, running a stage."""
 
+import functools
+import http.server
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -41,3 +45,38 @@ def test_stage_command_runs_with_overrides(tmp_path: Path):
 def test_python_dash_m_pipeline():
     proc = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "data" in proc.stdout and "stage" in proc.stdout
+
+
+@pytest.fixture
+def local_server(tmp_path: Path):
+    """Serve tmp_path/www over HTTP on 127.0.0.1 (a free port) for the duration of a test."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_data_download_tinyshakespeare_from_a_mirror(local_server, shared_data, tmp_path: Path):
+    root, url = local_server
+    source = shared_data / "text" / "tinyshakespeare.txt"
+    (root / "input.txt").write_bytes(source.read_bytes())
+    result = runner.invoke(app, ["data", "download", "tinyshakespeare", "--dest", str(tmp_path / "ts"),
+                                 "--base-url", url, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ts" / "tinyshakespeare.txt").read_bytes() == source.read_bytes()
+
+
+def test_data_download_bad_checksum_is_a_clear_error(local_server, tmp_path: Path):
+    root, url = local_server
+    (root / "input.txt").write_bytes(b"not shakespeare")
+    result = runner.invoke(app, ["data", "download", "tinyshakespeare", "--dest", str(tmp_path / "ts"),
+                                 "--base-url", url, "--no-progress"])
+    assert result.exit_code == 1
+    assert "tinyshakespeare.txt" in result.output or "input.txt" in result.output
+    assert not (tmp_path / "ts" / "tinyshakespeare.txt").exists()
