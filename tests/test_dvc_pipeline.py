@@ -19,11 +19,17 @@ pytestmark = pytest.mark.slow
 DATA_STAGES = {"sample", "prepare_coco", "prepare_text", "vocab", "embeddings"}
 
 
-def sh(cwd: Path, *args: str) -> str:
-    """Run a command with the test's virtualenv first on PATH; fail with its output."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def sh(cwd: Path, *args: str, ok: bool = True) -> str:
+    """Run a command with the test's virtualenv first on PATH; fail with its output unless ok=False."""
+    env = {**os.environ, **GIT_ENV,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    report = f"{' '.join(args)} -> {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert (proc.returncode == 0) == ok, report
     return proc.stdout + proc.stderr
 
 
@@ -47,6 +53,8 @@ def repo(tmp_path_factory) -> Path:
     sh(repo, "git", "init", "-q")
     sh(repo, "dvc", "init", "-q")
     sh(repo, "dvc", "config", "core.analytics", "false")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "pipeline")
     return repo
 
 
@@ -64,5 +72,15 @@ def test_changing_min_freq_reruns_only_downstream(repo: Path):
     sh(repo, "dvc", "repro")
     write_params(repo, {**TINY, "vocab.min_freq": 2})
     assert ran(sh(repo, "dvc", "repro")) == {"vocab", "embeddings"}
-    metrics = sh(repo, "dvc", "metrics", "show", "--json")
-    assert '"min_freq": 2' in metrics
+    assert '"min_freq": 2' in sh(repo, "dvc", "metrics", "show", "--json")
+
+
+def test_exp_run_overrides_go_through_the_params_loader(repo: Path):
+    sh(repo, "dvc", "repro")
+    assert ran(sh(repo, "dvc", "exp", "run", "-S", "vocab.min_freq=3")) == {"vocab", "embeddings"}
+    assert '"min_freq": 3' in sh(repo, "dvc", "metrics", "show", "--json")
+    out = sh(repo, "dvc", "exp", "run", "-S", "vocab.min_freq=0", ok=False)
+    assert "vocab.min_freq: Input should be greater than or equal to 1" in out
+    # DVC refuses a new key unless it is appended with "+"; then our loader rejects it.
+    out = sh(repo, "dvc", "exp", "run", "-S", "+vocab.min_frequency=2", ok=False)
+    assert "vocab.min_frequency: unknown key" in out
