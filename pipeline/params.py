@@ -34,6 +34,7 @@ class PathsParams(Section):
     vocab: str
     encoded: str
     embeddings: str
+    models: str
     metrics: str
 
 
@@ -123,6 +124,134 @@ class EmbeddingsParams(Section):
         return self
 
 
+class CaptionerParams(Section):
+    arch: Literal["show_tell", "show_attend_tell", "transformer"]
+    encoder: Literal["small_cnn", "efficientnet_lite0", "resnet18", "resnet50"]
+    encoder_weights: str | None
+    freeze_encoder: bool
+    finetune_blocks: int = Field(ge=0)
+    encoder_lr: float = Field(gt=0.0, le=10.0)
+    embed_size: int = Field(ge=2, le=8192)
+    hidden_size: int = Field(ge=2, le=16384)
+    attention: Literal["additive", "dot", "general"]
+    attention_size: int = Field(ge=1, le=8192)
+    attention_reg: float = Field(ge=0.0)
+    layers: int = Field(ge=1, le=64)
+    heads: int = Field(ge=1, le=128)
+    ff_size: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    max_len: int = Field(ge=2, le=512)
+    pretrained_embeddings: bool
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> CaptionerParams:
+        if self.arch == "transformer" and self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class LstmLmParams(Section):
+    level: Literal["char", "word"]
+    cell: Literal["lstm", "gru"]
+    embed_size: int = Field(ge=2, le=8192)
+    hidden_size: int = Field(ge=2, le=16384)
+    layers: int = Field(ge=1, le=64)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    tie_weights: bool
+    pretrained_embeddings: bool
+
+    @model_validator(mode="after")
+    def _tying(self) -> LstmLmParams:
+        if self.tie_weights and self.embed_size != self.hidden_size:
+            raise ValueError(f"tie_weights needs embed_size == hidden_size "
+                             f"(got {self.embed_size} and {self.hidden_size})")
+        return self
+
+
+class TransformerLmParams(Section):
+    level: Literal["char", "word"]
+    d_model: int = Field(ge=2, le=16384)
+    layers: int = Field(ge=1, le=128)
+    heads: int = Field(ge=1, le=256)
+    ff_size: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    context: int = Field(ge=2, le=65536)
+    pretrained_embeddings: bool
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TransformerLmParams:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class ModelsParams(Section):
+    captioner: CaptionerParams
+    lstm_lm: LstmLmParams
+    transformer_lm: TransformerLmParams
+
+
+class OptimParams(Section):
+    """The optimisation settings every family has."""
+
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"]
+    lr: float = Field(gt=0.0, le=10.0)
+    weight_decay: float = Field(ge=0.0, le=1.0)
+    momentum: float = Field(ge=0.0, lt=1.0)
+    beta1: float = Field(ge=0.0, lt=1.0)
+    beta2: float = Field(ge=0.0, lt=1.0)
+    schedule: Literal["constant", "inverse_time", "exponential", "cosine"]
+    warmup_steps: int = Field(ge=0)
+    decay_rate: float = Field(ge=0.0)
+    gamma: float = Field(gt=0.0, le=1.0)
+    max_epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    clip_grad_norm: float = Field(ge=0.0)
+    early_stopping_patience: int = Field(ge=0)
+    label_smoothing: float = Field(ge=0.0, lt=1.0)
+
+
+class CaptionerTrainParams(OptimParams):
+    scheduled_sampling: list[float] = Field(min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _probabilities(self) -> CaptionerTrainParams:
+        if not all(0.0 <= p <= 1.0 for p in self.scheduled_sampling):
+            raise ValueError(f"scheduled_sampling probabilities must lie in [0, 1] "
+                             f"(got {list(self.scheduled_sampling)})")
+        return self
+
+
+class LstmLmTrainParams(OptimParams):
+    bptt: int = Field(ge=2, le=65536)
+
+
+class TrainParams(Section):
+    accelerator: Literal["auto", "cpu", "gpu"]
+    devices: int = Field(ge=1)
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
+    compile: bool
+    num_workers: int = Field(ge=0, le=256)
+    log_every_n_steps: int = Field(ge=1)
+    captioner: CaptionerTrainParams
+    lstm_lm: LstmLmTrainParams
+    transformer_lm: OptimParams
+
+
+class EvaluateParams(Section):
+    beam_size: int = Field(ge=1, le=100)
+    alpha: float = Field(ge=0.0, le=5.0)
+    batch_size: int = Field(ge=1)
+    meteor: bool
+    temperatures: list[float] = Field(min_length=1)
+    sample_length: int = Field(ge=1)
+
+
+class TrackingParams(Section):
+    uri: str = Field(min_length=1)
+    experiment: str = Field(min_length=1)
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -134,6 +263,10 @@ class Params(Section):
     prepare_text: PrepareTextParams
     vocab: VocabParams
     embeddings: EmbeddingsParams
+    models: ModelsParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for logging and hashing)."""

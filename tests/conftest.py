@@ -29,6 +29,31 @@ TINY: dict[str, object] = {
     "embeddings.batch_size": 256,
     "embeddings.probe_words": ["red", "circle"],
     "embeddings.neighbours": 3,
+    "models.captioner.embed_size": 16,
+    "models.captioner.hidden_size": 32,
+    "models.captioner.attention_size": 16,
+    "models.captioner.ff_size": 32,
+    "models.captioner.heads": 2,
+    "models.captioner.layers": 1,
+    "models.lstm_lm.embed_size": 16,
+    "models.lstm_lm.hidden_size": 32,
+    "models.lstm_lm.layers": 1,
+    "models.transformer_lm.d_model": 32,
+    "models.transformer_lm.layers": 1,
+    "models.transformer_lm.heads": 2,
+    "models.transformer_lm.ff_size": 64,
+    "models.transformer_lm.context": 32,
+    "train.accelerator": "cpu",
+    "train.captioner.max_epochs": 1,
+    "train.captioner.batch_size": 8,
+    "train.lstm_lm.max_epochs": 1,
+    "train.lstm_lm.batch_size": 8,
+    "train.lstm_lm.bptt": 32,
+    "train.transformer_lm.max_epochs": 1,
+    "train.transformer_lm.batch_size": 8,
+    "evaluate.beam_size": 2,
+    "evaluate.meteor": False,
+    "evaluate.sample_length": 20,
 }
 
 
@@ -37,12 +62,13 @@ def tiny_overrides(root: Path) -> dict[str, object]:
     paths = {k: str(root / v) for k, v in {
         "sample": "data/sample", "coco": "data/prepared/coco", "text": "data/prepared/text",
         "vocab": "data/vocab", "encoded": "data/encoded", "embeddings": "artifacts/embeddings",
-        "metrics": "metrics"}.items()}
+        "models": "artifacts/models", "metrics": "metrics"}.items()}
     return {
         **TINY,
         **{f"paths.{k}": v for k, v in paths.items()},
         "data.coco.annotations": f"{paths['sample']}/annotations/captions.json",
         "data.coco.images": f"{paths['sample']}/images",
+        "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
     }
 
 
