@@ -1,0 +1,300 @@
+"""Decoding for any model with the incremental protocol (`init_state`, `step`, `select`).
+
+Greedy, sampling (temperature, top-k), batched beam search with length normalisation, sequence
+log-probabilities, the search-vs-model error analysis of beam search, and free LM text generation.
+Every function runs under no_grad with the model temporarily in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.data.vocab import END_ID, PAD_ID, START_ID
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeResult:
+    """Per item: tokens (no <start>, cut before <end>), score, attention (T, N) or None."""
+
+    tokens: list[list[int]]
+    scores: list[float]
+    attention: list[Tensor] | None = None
+
+
+@contextlib.contextmanager
+def _decoding(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no_grad for the duration, restoring the caller's training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model: nn.Module, memory: Tensor | None) -> torch.device:
+    if memory is not None:
+        return memory.device
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _stack_attention(steps: list[Tensor | None], lengths: list[int]) -> list[Tensor] | None:
+    """Per-step (B, N) weights -> per item (T_i, N) on the CPU; None if the model gives none."""
+    if not steps or steps[0] is None:
+        return None
+    stacked = torch.stack(steps, dim=1).float().cpu()  # (B, steps, N)
+    return [stacked[i, :n] for i, n in enumerate(lengths)]
+
+
+def _run(model: nn.Module, memory: Tensor | None, batch_size: int, max_len: int,
+         choose: Callable[[Tensor], Tensor], start_tokens: Tensor | None) -> DecodeResult:
+    """Left-to-right decoding where `choose(log_probs (B, V)) -> tokens (B,)` picks each token."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    device = _device(model, memory)
+    tokens = (torch.full((batch_size,), START_ID, dtype=torch.long, device=device)
+              if start_tokens is None else start_tokens.to(device))
+    state = model.init_state(memory, batch_size)
+    score = torch.zeros(batch_size, device=device)
+    alive = torch.ones(batch_size, dtype=torch.bool, device=device)
+    out, attn = [], []
+    for _ in range(max_len):
+        logp, state, att = model.step(memory, state, tokens)  # (B, V)
+        tokens = choose(logp)  # (B,)
+        score += torch.where(alive, logp.gather(1, tokens[:, None])[:, 0], 0.0)
+        out.append(tokens)
+        attn.append(att)
+        alive &= tokens != END_ID
+        if not alive.any():
+            break
+    rows = torch.stack(out, dim=1).tolist()  # (B, steps)
+    seqs = [row[: row.index(END_ID)] if END_ID in row else row for row in rows]
+    return DecodeResult(seqs, score.tolist(), _stack_attention(attn, [len(s) for s in seqs]))
+
+
+def greedy(model: nn.Module, memory: Tensor | None, batch_size: int, max_len: int,
+           start_tokens: Tensor | None = None) -> DecodeResult:
+    """Argmax at each step, up to max_len tokens (incl. <end>); scores are summed log-probs."""
+    with _decoding(model):
+        return _run(model, memory, batch_size, max_len, lambda lp: lp.argmax(-1), start_tokens)
+
+
+def _sampler(temperature: float, top_k: int | None,
+             generator: torch.Generator | None) -> Callable[[Tensor], Tensor]:
+    """Token chooser for sampling; temperature 0 means argmax."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+
+    def choose(logp: Tensor) -> Tensor:
+        if temperature == 0:
+            return logp.argmax(-1)
+        logits = logp / temperature  # (B, V)
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    return choose
+
+
+def sample(model: nn.Module, memory: Tensor | None, batch_size: int, max_len: int,
+           temperature: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> DecodeResult:
+    """Ancestral sampling from softmax(log p / temperature), optionally among the top k tokens.
+
+    Scores are the model's own log-probs of the sampled tokens (untempered). The generator must
+    live on the model's device.
+    """
+    with _decoding(model):
+        return _run(model, memory, batch_size, max_len,
+                    _sampler(temperature, top_k, generator), None)
+
+
+def _expand(memory: Tensor | None, index: Tensor) -> Tensor | None:
+    return None if memory is None else memory.index_select(0, index)
+
+
+def beam_search(model: nn.Module, memory: Tensor | None, batch_size: int, beam_size: int,
+                max_len: int, alpha: float = 0.7) -> DecodeResult:
+    """Batched beam search; returns per item the best hypothesis by log P / T^alpha.
+
+    The whole batch x beam is one batch of B*K rows. Finished hypotheses take beam slots
+    (Sutskever et al. 2014): at each step an item with f finished hypotheses keeps the best
+    K - f extensions of its live ones by log-prob (all have the same length, so normalising would
+    not change that ranking); extensions ending in <end> join its finished list. An item is done
+    when it has K finished hypotheses, at which point it has no live one left, so nothing unseen
+    can beat them; this needs no bound on future normalised scores and makes K = 1 exactly greedy.
+    At max_len an item with no finished hypothesis returns its best live one (normalised by
+    max_len^alpha). T counts generated tokens including <end>.
+    """
+    if beam_size < 1 or max_len < 1:
+        raise ValueError(f"beam_size and max_len must be >= 1, got {beam_size} and {max_len}")
+    with _decoding(model):
+        return _beam(model, memory, batch_size, beam_size, max_len, alpha)
+
+
+def _beam(model: nn.Module, memory: Tensor | None, b: int, k: int, max_len: int,
+          alpha: float) -> DecodeResult:
+    device = _device(model, memory)
+    rows = torch.arange(b, device=device).repeat_interleave(k)  # (B*K,) item of each row
+    memory = _expand(memory, rows)
+    state = model.init_state(memory, b * k)
+    tokens = torch.full((b * k,), START_ID, dtype=torch.long, device=device)
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # one live hypothesis per item at first, so beams do not duplicate
+    finished: list[list[tuple[float, int, int]]] = [[] for _ in range(b)]  # (norm, step, slot)
+    hist_tok: list[list[list[int]]] = []  # per step (B, K) token of each slot
+    hist_parent: list[list[list[int]]] = []  # per step (B, K) slot it extended
+    hist_att: list[Tensor | None] = []  # per step (B*K, N) attention of the parent rows
+    live: list[list[tuple[float, int]]] = [[] for _ in range(b)]
+    for t in range(1, max_len + 1):
+        logp, state, att = model.step(memory, state, tokens)  # (B*K, V)
+        v = logp.shape[-1]
+        cand = (scores[:, :, None] + logp.view(b, k, v)).view(b, k * v)  # (B, K*V)
+        top, idx = cand.topk(k, dim=-1)  # (B, K), best first
+        parent, tok = idx // v, idx % v
+        quota = torch.tensor([k - len(f) for f in finished], device=device)[:, None]  # (B, 1)
+        keep = (torch.arange(k, device=device)[None, :] < quota) & torch.isfinite(top)
+        is_end = tok == END_ID
+        scores = torch.where(keep & ~is_end, top, float("-inf"))
+        hist_tok.append(tok.tolist())
+        hist_parent.append(parent.tolist())
+        hist_att.append(att)
+        top_rows = top.tolist()
+        for i, j in (keep & is_end).nonzero().tolist():
+            finished[i].append((top_rows[i][j] / t ** alpha, t, j))
+        live_rows = scores.tolist()
+        live = [[(s / t ** alpha, j) for j, s in enumerate(r) if s != float("-inf")] for r in live_rows]
+        if all(not lv for lv in live):
+            break
+        flat_parent = (parent + torch.arange(b, device=device)[:, None] * k).view(-1)  # (B*K,)
+        state = model.select(state, flat_parent)
+        tokens = tok.view(-1)
+    return _collect(finished, live, hist_tok, hist_parent, hist_att, k, t)
+
+
+def _collect(finished: list, live: list, hist_tok: list, hist_parent: list, hist_att: list,
+             k: int, last_step: int) -> DecodeResult:
+    """Pick each item's best hypothesis and rebuild its tokens and attention via backpointers."""
+    has_att = bool(hist_att) and hist_att[0] is not None
+    n = hist_att[0].shape[-1] if has_att else 0
+    seqs, scores, atts = [], [], []
+    for i, done in enumerate(finished):
+        if done:
+            norm, step, slot = max(done, key=lambda h: h[0])
+        else:  # nothing finished by max_len: the best live hypothesis (no <end>)
+            norm, slot = max(live[i], key=lambda h: h[0])
+            step = last_step
+        toks, att = [], []
+        for s in range(step - 1, -1, -1):
+            toks.append(hist_tok[s][i][slot])
+            parent = hist_parent[s][i][slot]
+            if has_att:
+                att.append(hist_att[s][i * k + parent])
+            slot = parent
+        toks.reverse()
+        att.reverse()
+        cut = toks.index(END_ID) if END_ID in toks else len(toks)
+        seqs.append(toks[:cut])
+        scores.append(float(norm))
+        if has_att:
+            atts.append(torch.stack(att[:cut]).float().cpu() if cut else torch.zeros(0, n))
+    return DecodeResult(seqs, scores, atts if has_att else None)
+
+
+def sequence_logprob(model: nn.Module, memory: Tensor | None, seq: Tensor) -> Tensor:
+    """seq (B, T) starting with <start> (or the first LM token), padded with <pad> ->
+    (B,) sum over t >= 1 of log P(seq_t | seq_<t, memory), <end> included, pads skipped."""
+    seq = seq.to(_device(model, memory))
+    with _decoding(model):
+        state = model.init_state(memory, seq.shape[0])
+        total = torch.zeros(seq.shape[0], device=seq.device)
+        for t in range(seq.shape[1] - 1):
+            logp, state, _ = model.step(memory, state, seq[:, t])  # (B, V)
+            target = seq[:, t + 1]
+            picked = logp.gather(1, target[:, None])[:, 0]
+            total += torch.where(target != PAD_ID, picked, 0.0)
+        return total
+
+
+def _caption_batch(captions: list[list[int]], device: torch.device) -> Tensor:
+    """Token lists (no specials) -> (N, T) [<start>, ..., <end>, <pad>...]."""
+    width = max(len(c) for c in captions) + 2
+    seq = torch.full((len(captions), width), PAD_ID, dtype=torch.long)
+    for i, c in enumerate(captions):
+        seq[i, : len(c) + 2] = torch.tensor([START_ID, *c, END_ID], dtype=torch.long)
+    return seq.to(device)
+
+
+def _normalised(model: nn.Module, memory: Tensor | None, captions: list[list[int]],
+                owners: list[int], alpha: float, device: torch.device) -> list[float]:
+    """Length-normalised log P(caption | memory[owner]) / (len + 1)^alpha, like beam's score."""
+    mem = _expand(memory, torch.tensor(owners, device=device))
+    logp = sequence_logprob(model, mem, _caption_batch(captions, device)).tolist()
+    return [lp / (len(c) + 1) ** alpha for lp, c in zip(logp, captions, strict=True)]
+
+
+def beam_error_analysis(model: nn.Module, memory: Tensor | None, references: list,
+                        outputs: list[list[int]], alpha: float = 0.7) -> dict:
+    """Blame each beam output on search or model by length-normalised score log P / T^alpha.
+
+    references[i] is one token list or a list of them (the best-scoring one is used); tokens are
+    without <start>/<end>. Search error: the model scores the reference above the output (search
+    missed a better sequence); otherwise (ties included) model error. Outputs are scored as
+    complete captions (followed by <end>), T = tokens + 1, as beam_search scores finished ones.
+    """
+    if len(references) != len(outputs):
+        raise ValueError(f"references ({len(references)}) and outputs ({len(outputs)}) differ in length")
+    if not outputs:
+        raise ValueError("beam_error_analysis: no items")
+    device = _device(model, memory)
+    refs, owners = [], []
+    for i, ref in enumerate(references):
+        group = ref if ref and isinstance(ref[0], (list, tuple)) else [ref]
+        refs += [list(r) for r in group]
+        owners += [i] * len(group)
+    with _decoding(model):
+        ref_scores = _normalised(model, memory, refs, owners, alpha, device)
+        out_scores = _normalised(model, memory, outputs, list(range(len(outputs))), alpha, device)
+    best_ref = [float("-inf")] * len(outputs)
+    for owner, s in zip(owners, ref_scores, strict=True):
+        best_ref[owner] = max(best_ref[owner], s)
+    search = sum(r > o for r, o in zip(best_ref, out_scores, strict=True))
+    n = len(outputs)
+    return {"items": n, "search_errors": search, "model_errors": n - search,
+            "search_error_fraction": search / n, "model_error_fraction": (n - search) / n,
+            "mean_reference_score": sum(best_ref) / n, "mean_output_score": sum(out_scores) / n}
+
+
+def generate_text(model: nn.Module, prompt_ids: list[int], max_new: int, temperature: float = 1.0,
+                  top_k: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+    """Feed a non-empty prompt through `step`, then sample max_new tokens; returns the new ones."""
+    if not prompt_ids:
+        raise ValueError("generate_text: the prompt needs at least one token")
+    choose = _sampler(temperature, top_k, generator)
+    device = _device(model, None)
+    with _decoding(model):
+        state = model.init_state(None, 1)
+        for tok in prompt_ids:
+            logp, state, _ = model.step(None, state, torch.tensor([tok], device=device))
+        new: list[int] = []
+        while len(new) < max_new:
+            nxt = choose(logp)  # (1,)
+            new.append(int(nxt))
+            if len(new) < max_new:  # the last token needs no next-token distribution
+                logp, state, _ = model.step(None, state, nxt)
+        return new
