@@ -28,6 +28,17 @@ class Stage(StrEnum):
     embeddings = "embeddings"
 
 
+class Family(StrEnum):
+    captioner = "captioner"
+    lstm_lm = "lstm_lm"
+    transformer_lm = "transformer_lm"
+
+
+class LanguageModel(StrEnum):
+    lstm_lm = "lstm_lm"
+    transformer_lm = "transformer_lm"
+
+
 class Dataset(StrEnum):
     coco2017 = "coco2017"
     coco2014 = "coco2014"
@@ -54,6 +65,82 @@ def stage(name: Annotated[Stage, typer.Argument(help="DVC stage to run (its run(
     """Run one stage's work directly (outside `dvc repro`), with optional --set overrides."""
     p = _load(params, set_)
     importlib.import_module(f"stages.{name.value}").run(p)
+
+
+CheckpointOpt = Annotated[Path | None, typer.Option(
+    "--checkpoint", help="A .ckpt file (default: the family's best.ckpt under paths.models).")]
+
+
+@app.command()
+def train(family: Annotated[Family, typer.Argument(help="Model family to train.")],
+          params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None,
+          resume: Annotated[bool, typer.Option(help="Continue from the family's last.ckpt if present.")] = False,
+          ) -> None:
+    """Train a model family with PyTorch Lightning on this machine (CPU or GPU); print the checkpoint."""
+    from stages.train import run
+
+    p = _load(params, set_)
+    metrics = run(p, family.value, resume=resume)
+    typer.echo(f"checkpoint: {metrics['best_checkpoint']}")
+
+
+@app.command()
+def evaluate(family: Annotated[Family, typer.Argument(help="Model family to score.")],
+             checkpoint: CheckpointOpt = None, params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None) -> None:
+    """Score a trained model on the test split; write metrics/evaluate_<family>.json."""
+    from stages.evaluate import run
+
+    run(_load(params, set_), family.value, checkpoint)
+
+
+@app.command()
+def caption(
+    images: Annotated[list[Path], typer.Argument(help="Image files to caption.")],
+    beam: Annotated[int | None, typer.Option(help="Beam width (default: evaluate.beam_size).")] = None,
+    attention_out: Annotated[Path | None, typer.Option(
+        help="Folder for per-word attention overlays (PNG; show_attend_tell only).")] = None,
+    checkpoint: CheckpointOpt = None, params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None,
+) -> None:
+    """Caption image files with a trained captioner."""
+    from pipeline.inference import attention_strip, caption_images, load_images
+    from pipeline.training.fit import checkpoint_path, load_module
+
+    p = _load(params, set_)
+    module = load_module("captioner", checkpoint or checkpoint_path(p, "captioner"))
+    try:
+        results = caption_images(module, images, beam or p.evaluate.beam_size, p.evaluate.alpha)
+    except ValueError as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(1) from None
+    for result in results:
+        typer.echo(f"{result.path}: {result.text}")
+        if attention_out is not None and result.attention is not None:
+            attention_out.mkdir(parents=True, exist_ok=True)
+            image = load_images([result.path], int(module.hparams["image_size"]))[0]
+            out = attention_out / f"{result.path.stem}.attention.png"
+            attention_strip(image, result.words, result.attention).save(out)
+            typer.echo(f"  attention: {out}")
+        elif attention_out is not None:
+            typer.echo(f"  no attention maps: arch {module.model_cfg.arch} has no soft attention")
+
+
+@app.command()
+def generate(
+    family: Annotated[LanguageModel, typer.Argument(help="Language model family.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "\n",
+    temperature: Annotated[float, typer.Option(min=1e-3, help="Sampling temperature.")] = 0.8,
+    length: Annotated[int | None, typer.Option(help="Tokens to generate (default: evaluate.sample_length).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens only.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the sampler.")] = 0,
+    checkpoint: CheckpointOpt = None, params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None,
+) -> None:
+    """Sample text from a trained language model."""
+    from pipeline.inference import generate as sample_text
+    from pipeline.training.fit import checkpoint_path, load_module
+
+    p = _load(params, set_)
+    module = load_module(family.value, checkpoint or checkpoint_path(p, family.value))
+    typer.echo(sample_text(module, prompt, length or p.evaluate.sample_length, temperature, top_k, seed))
 
 
 @params_app.command("show")
@@ -93,4 +180,11 @@ def data_download(
 
 
 def main() -> None:
-    app()
+    """Entry point: known failures print one clear line (no traceback) and exit 1."""
+    from pipeline.training.callbacks import NonFiniteLossError
+
+    try:
+        app()
+    except (FileNotFoundError, NotADirectoryError, ValueError, NonFiniteLossError) as err:
+        typer.secho(f"capline: {err}", fg="red", err=True)
+        raise SystemExit(1) from None

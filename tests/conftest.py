@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.params import Params, load_params
 
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from tests (offline anyway)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -57,6 +60,17 @@ TINY: dict[str, object] = {
 }
 
 
+def tiny_corpus(root: Path, chars: int = 8000) -> Path:
+    """A small real-prose text file (the head of Python's documentation topics) for fast LM tests."""
+    from pipeline.data.text import default_corpus
+
+    path = root / "corpus.txt"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(text for _, text in default_corpus())[:chars], encoding="utf-8")
+    return path
+
+
 def tiny_overrides(root: Path) -> dict[str, object]:
     """TINY plus every output path (and the sample as COCO input) moved under `root`."""
     paths = {k: str(root / v) for k, v in {
@@ -69,6 +83,7 @@ def tiny_overrides(root: Path) -> dict[str, object]:
         "data.coco.annotations": f"{paths['sample']}/annotations/captions.json",
         "data.coco.images": f"{paths['sample']}/images",
         "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
+        "data.text.files": [str(tiny_corpus(root))],
     }
 
 
@@ -76,6 +91,26 @@ def tiny_overrides(root: Path) -> dict[str, object]:
 def tiny_params(tmp_path: Path) -> Params:
     """The real params.yaml, shrunk, writing under tmp_path."""
     return load_params(ROOT / "params.yaml", tiny_overrides(tmp_path))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a 2-core machine: a second intra-op thread only adds contention (10-20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def prepared_params(tmp_path_factory: pytest.TempPathFactory) -> Params:
+    """Tiny params whose data stages (sample .. embeddings) have run once for the whole session."""
+    from stages import embeddings, prepare_coco, prepare_text, sample, vocab
+
+    p = load_params(ROOT / "params.yaml", tiny_overrides(tmp_path_factory.mktemp("prepared")))
+    for stage in (sample, prepare_coco, prepare_text, vocab, embeddings):
+        stage.run(p)
+    return p
 
 
 @pytest.fixture

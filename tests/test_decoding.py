@@ -24,15 +24,6 @@ V, N, D = 12, 5, 8
 A, B = 4, 5  # the two ordinary words of the hand-built bigram models
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: extra intra-op threads only add contention (20x slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class AttnDecoder(nn.Module):
     """Test-only captioner: memory (B, N, D) -> LSTMCell decoder with dot attention.
 

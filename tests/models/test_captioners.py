@@ -20,15 +20,6 @@ from pipeline.models.captioners import (
 V = 13
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: threads only contend (300-step loops went 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def images(n: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
     """Random uint8 images (n, 3, size, size)."""
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8,

@@ -19,15 +19,6 @@ from pipeline.models.language_models import (
 V = 11
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: extra intra-op threads only add contention (20x slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rnn(cell: str = "lstm", **kw) -> RNNLanguageModel:
     torch.manual_seed(0)
     args = dict(vocab_size=V, embed_size=8, hidden_size=12, layers=2, dropout=0.1, cell=cell)

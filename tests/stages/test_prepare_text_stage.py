@@ -10,16 +10,18 @@ from stages import prepare_text
 from tests.conftest import ROOT, tiny_overrides
 
 
-def test_default_corpus_run(tiny_params):
-    metrics = prepare_text.run(tiny_params)
-    out = Path(tiny_params.paths.text)
+def test_default_corpus_run(tmp_path):
+    p = load_params(ROOT / "params.yaml", {**tiny_overrides(tmp_path), "data.text.files": []})
+    metrics = prepare_text.run(p)
+    assert metrics["source"] == ["pydoc_data.topics"] and metrics["documents"] > 50
+    out = Path(p.paths.text)
     for split in ("train", "val", "test"):
         text = (out / f"{split}.txt").read_text("utf-8")
         words = (out / f"{split}.words.txt").read_text("utf-8").split()
         assert len(text) == metrics["characters"][split] > 0
         assert len(words) == metrics["words"][split] > 0
     assert metrics["characters"]["train"] > 8 * metrics["characters"]["val"]
-    on_disk = json.loads((Path(tiny_params.paths.metrics) / "prepare_text.json").read_text())
+    on_disk = json.loads((Path(p.paths.metrics) / "prepare_text.json").read_text())
     assert on_disk == metrics
 
 

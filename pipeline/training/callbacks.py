@@ -1,0 +1,72 @@
+"""Lightning callbacks: stop on a non-finite loss, and RNG state saved in checkpoints for exact resume."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class NonFiniteLossGuard(pl.Callback):
+    """Stop training with a clear message as soon as the loss is NaN or inf."""
+
+    def __init__(self, hint: str = "lower the learning rate or enable gradient clipping"):
+        self.hint = hint
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({float(loss)}) at epoch {trainer.current_epoch}, "
+                f"step {trainer.global_step}: {self.hint}")
+
+
+def _numpy_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # plain ints and lists so the checkpoint loads with torch.load(weights_only=True)
+    return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached": float(cached)}
+
+
+class RNGStateCallback(pl.Callback):
+    """Save torch/CUDA/NumPy/Python RNG states with each checkpoint; restore them on resume.
+
+    States are restored just before the first training batch after a resume, not at load time,
+    because Lightning draws from the global RNG in between (e.g. creating the data iterator) in a
+    way the uninterrupted run did not at that point.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(),
+                 "python": list(random.getstate()[1]), "python_version": random.getstate()[0]}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],
+                             n["has_gauss"], n["cached"]))
+        random.setstate((state["python_version"], tuple(state["python"]), None))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

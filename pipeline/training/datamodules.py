@@ -1,0 +1,294 @@
+"""Lightning DataModules over the prepared COCO split and the encoded text streams, resumable mid-epoch.
+
+Exact resume: every training order is a pure function of (seed, epoch) (EpochOrder), and the training
+DataLoader (ResumableLoader) counts the batches it has handed to the training loop. Lightning 2.6 saves that
+count in two places: the fit loop stores `state_dict()` of every `_Stateful` train loader under
+`loops.fit_loop.state_dict.combined_loader`, and the data module's own `state_dict()` stores it again. The
+second copy is what makes resume work when `trainer.estimated_stepping_batches` is read in
+`configure_optimizers` (Lightning then builds the train loader before restoring the loops and never hands it
+the loop's copy; Lightning issue #20550): the data module is restored before `configure_optimizers`, so it
+passes the position to the loader it builds. The loader fixes its epoch and offset at the first batch, not at
+`iter()`, so whichever path arrives first, the next pass starts exactly at the saved batch; the offset is
+dropped when Lightning's `set_epoch` has meanwhile moved to a later epoch (`limit_train_batches` < 1).
+Limits: single device (a DistributedSampler is not wired in); batches are counted as handed to the loop,
+which is exact because Lightning does not prefetch from sized loaders.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data.vocab import Vocabulary
+from pipeline.training.datasets import (
+    CaptionPairs,
+    EpochBatchSampler,
+    EpochOrder,
+    LazyArray,
+    SplitImages,
+    StreamBatches,
+    TokenWindows,
+    collate_captions,
+    collate_images,
+    collate_single,
+    collate_windows,
+    read_captions,
+)
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an EpochBatchSampler whose place in the epoch is saved and restored."""
+
+    def __init__(self, dataset: Dataset, batch_sampler: EpochBatchSampler, collate_fn: Any,
+                 num_workers: int, pin_memory: bool, seed: int):
+        # own generator: creating an iterator must not draw from the global torch RNG (model randomness)
+        super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
+                         pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                         generator=torch.Generator().manual_seed(seed))
+        self._epoch, self._position = 0, 0  # epoch of the current pass, batches handed out in it
+        self._resume: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._pass()
+
+    def _pass(self) -> Iterator[Any]:
+        # a generator: the epoch and offset are fixed at the first next(), after Lightning's set_epoch
+        # and after any load_state_dict, whatever order Lightning calls them in
+        sampler = self.batch_sampler
+        assert isinstance(sampler, EpochBatchSampler)
+        epoch, start = sampler.sampler.epoch, 0
+        if self._resume is not None:
+            # the saved offset holds only if Lightning did not move on to a later epoch after the load (an
+            # epoch cut short by limit_train_batches ends before the loader does)
+            start = self._resume[1] if self._resume[0] == epoch else 0
+            self._resume = None
+        sampler.start = start
+        self._epoch, self._position = epoch, start
+        for batch in super().__iter__():
+            self._position += 1  # counted in this process as handed out: workers' prefetching is not
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training pass stands (a pending resume counts as the position)."""
+        epoch, position = self._resume or (self._epoch, self._position)
+        return {"epoch": epoch, "position": position, "batches": len(self),
+                "seed": self.batch_sampler.sampler.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Start the next pass at the saved batch (a finished epoch resumes at the next one)."""
+        if state.get("batches") != len(self) or state.get("seed") != self.batch_sampler.sampler.seed:
+            raise ValueError(
+                f"cannot resume the training data exactly: the checkpoint has {state.get('batches')} batches "
+                f"per epoch with seed {state.get('seed')}, this loader {len(self)} with seed "
+                f"{self.batch_sampler.sampler.seed} (batch size, data or seed changed)")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        self._resume = (epoch + 1, 0) if position >= len(self) else (epoch, position)
+        self.batch_sampler.sampler.set_epoch(self._resume[0])  # Lightning's set_epoch, if it comes, wins
+        log.info("training data resumes at epoch %d, batch %d of %d", *self._resume, len(self))
+
+
+class _ResumableDataModule(pl.LightningDataModule):
+    """Saves the train loader's position in the checkpoint and hands it to the loader built on resume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._train_loader: ResumableLoader | None = None
+        self._pending: dict[str, int] | None = None
+
+    def _track(self, loader: ResumableLoader) -> ResumableLoader:
+        if self._pending is not None:
+            loader.load_state_dict(self._pending)
+            self._pending = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._train_loader is not None:
+            return {"train_loader": self._train_loader.state_dict()}
+        return {"train_loader": self._pending} if self._pending is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if (state := state_dict.get("train_loader")) is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._pending = dict(state)
+
+
+def _own_generator() -> torch.Generator:
+    """Evaluation loaders draw their worker seed from this, not the global RNG, so validating mid-run
+    does not shift the model's random stream (exact resume depends on it)."""
+    return torch.Generator().manual_seed(0)
+
+
+def _pin(pin_memory: bool | None) -> bool:
+    return torch.cuda.is_available() if pin_memory is None else pin_memory
+
+
+class CaptionDataModule(_ResumableDataModule):
+    """Prepared COCO: (image, caption) pairs for training, one item per image for val/test."""
+
+    def __init__(self, coco_dir: str | Path, vocab: Vocabulary, batch_size: int, max_len: int,
+                 num_workers: int, seed: int, pin_memory: bool | None = None, bucket: bool = False):
+        super().__init__()
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1 (tokens including <end>), got {max_len}")
+        self.coco_dir, self.vocab, self.batch_size, self.max_len = Path(coco_dir), vocab, batch_size, max_len
+        self.num_workers, self.seed, self.bucket = num_workers, seed, bucket
+        self.pin_memory = _pin(pin_memory)
+        self._images: dict[str, LazyArray] = {}
+        self._records: dict[str, list[dict[str, Any]]] = {}
+        self._refs: dict[str, dict[int, list[str]]] = {}
+        self._pairs: CaptionPairs | None = None
+
+    def _split(self, split: str) -> tuple[LazyArray, list[dict[str, Any]]]:
+        """The split's lazily mapped images and its checked caption records (read once)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split not in self._images:
+            images = LazyArray(self.coco_dir / split / "images.npy")
+            shape = images.shape
+            if images.dtype != np.uint8 or len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3]:
+                raise ValueError(f"{images.path}: expected uint8 (N, 3, S, S), got {images.dtype} {shape}")
+            self._records[split] = read_captions(self.coco_dir / split / "captions.jsonl", shape[0])
+            self._images[split] = images
+        return self._images[split], self._records[split]
+
+    def encode(self, tokens: list[str]) -> list[int]:
+        """[<start>, w..., <end>], words cut so that the whole is at most max_len + 1 ids."""
+        return self.vocab.encode(tokens[: self.max_len - 1], add_start=True, add_end=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            self._split(split)
+        if self._pairs is None:
+            images, records = self._split("train")
+            encoded = [self.encode(c) for rec in records for c in rec["captions"]]
+            offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+            ids = np.fromiter((i for e in encoded for i in e), dtype=np.int32, count=int(offsets[-1]))
+            image_of = np.repeat(np.arange(len(records)), [len(r["captions"]) for r in records])
+            self._pairs = CaptionPairs(images, ids, offsets, image_of)
+            log.info("captions: %d training pairs over %d images", len(image_of), len(records))
+
+    @property
+    def image_size(self) -> int:
+        return self._split("train")[0].shape[-1]
+
+    def train_dataset(self) -> CaptionPairs:
+        self.setup()
+        assert self._pairs is not None
+        return self._pairs
+
+    def train_dataloader(self) -> ResumableLoader:
+        pairs = self.train_dataset()
+        order = EpochOrder(len(pairs), self.seed, shuffle=True)
+        batches = EpochBatchSampler(order, self.batch_size, pairs.lengths() if self.bucket else None)
+        return self._track(ResumableLoader(pairs, batches, collate_captions, self.num_workers,
+                                           self.pin_memory, self.seed))
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(SplitImages(self._split(split)[0]), batch_size=self.batch_size, shuffle=False,
+                          collate_fn=collate_images, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0, generator=_own_generator())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def references(self, split: str) -> dict[int, list[str]]:
+        """image_index -> every reference caption as space-joined lower-case tokens (cached: read only)."""
+        if split not in self._refs:  # validation steps ask for it every batch
+            records = self._split(split)[1]
+            self._refs[split] = {i: [" ".join(c) for c in rec["captions"]] for i, rec in enumerate(records)}
+        return self._refs[split]
+
+    def image_ids(self, split: str) -> list[int]:
+        """COCO image id of every row (position = image_index)."""
+        return [rec["image_id"] for rec in self._split(split)[1]]
+
+
+class LanguageModelDataModule(_ResumableDataModule):
+    """Encoded text streams: contiguous rows for truncated BPTT ("stream") or shuffled windows ("windows")."""
+
+    def __init__(self, encoded_dir: str | Path, level: Literal["char", "word"], batch_size: int, seq_len: int,
+                 mode: Literal["stream", "windows"], seed: int, num_workers: int,
+                 pin_memory: bool | None = None):
+        super().__init__()
+        if level not in ("char", "word") or mode not in ("stream", "windows"):
+            raise ValueError(f"level must be char|word and mode stream|windows, got {level!r}, {mode!r}")
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+        self.encoded_dir, self.level, self.mode = Path(encoded_dir), level, mode
+        self.batch_size, self.seq_len, self.seed, self.num_workers = batch_size, seq_len, seed, num_workers
+        self.pin_memory = _pin(pin_memory)
+        self._streams: dict[str, LazyArray] = {}
+
+    def stream(self, split: str) -> LazyArray:
+        """The split's id stream, memory-mapped lazily."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split not in self._streams:
+            arr = LazyArray(self.encoded_dir / f"text_{split}_{self.level}.npy")
+            if len(arr.shape) != 1 or arr.dtype.kind not in "iu":
+                raise ValueError(f"{arr.path}: expected a 1-d integer id stream, got {arr.dtype} {arr.shape}")
+            self._streams[split] = arr
+        return self._streams[split]
+
+    def num_tokens(self, split: str) -> int:
+        """Tokens in the split's stream file."""
+        return len(self.stream(split))
+
+    def dataset(self, split: str) -> Dataset:
+        """StreamBatches (items are whole (B, T) batches) or TokenWindows (items are T+1 windows)."""
+        stream = self.stream(split)
+        if self.mode == "windows":
+            return TokenWindows(stream, self.seq_len)
+        rows = self.batch_size
+        if split != "train" and len(stream) < 2 * rows:
+            rows = max(1, len(stream) // 2)  # a short held-out stream is evaluated with fewer rows
+            log.warning("%s: only %d tokens; evaluating with %d rows instead of %d",
+                        stream.path, len(stream), rows, self.batch_size)
+        return StreamBatches(stream, rows, self.seq_len)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            self.stream(split)
+
+    def train_dataloader(self) -> ResumableLoader:
+        data = self.dataset("train")
+        if self.mode == "stream":  # in order: row b of batch k+1 continues row b of batch k
+            batches = EpochBatchSampler(EpochOrder(len(data), self.seed, shuffle=False), 1)
+            collate = collate_single
+        else:
+            batches = EpochBatchSampler(EpochOrder(len(data), self.seed, shuffle=True), self.batch_size)
+            collate = collate_windows
+        loader = ResumableLoader(data, batches, collate, self.num_workers, self.pin_memory, self.seed)
+        return self._track(loader)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        data = self.dataset(split)
+        common = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                  "persistent_workers": self.num_workers > 0, "shuffle": False, "generator": _own_generator()}
+        if self.mode == "stream":
+            return DataLoader(data, batch_size=1, collate_fn=collate_single, **common)
+        return DataLoader(data, batch_size=self.batch_size, collate_fn=collate_windows, **common)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,169 @@
+"""Fit a model family: build data, module, callbacks, logger and Trainer from params; run; report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+from pipeline import tracking
+from pipeline.data.vocab import Vocabulary
+from pipeline.params import Params
+from pipeline.training.callbacks import NonFiniteLossGuard, RNGStateCallback
+from pipeline.training.datamodules import CaptionDataModule, LanguageModelDataModule
+from pipeline.training.modules import CaptioningModule, LanguageModelModule
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("captioner", "lstm_lm", "transformer_lm")
+MONITOR = {"captioner": ("val/cider", "max"), "lstm_lm": ("val/loss", "min"),
+           "transformer_lm": ("val/loss", "min")}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a fit produced."""
+
+    family: str
+    best_checkpoint: str
+    last_checkpoint: str
+    monitor: str
+    best_score: float
+    epochs: int
+    steps: int
+    run_id: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def checkpoint_path(p: Params, family: str, which: str = "best") -> Path:
+    """Where `capline train` keeps a family's best/last checkpoint."""
+    return Path(p.paths.models) / family / f"{which}.ckpt"
+
+
+def vocabulary(p: Params, family: str) -> Vocabulary:
+    """The vocabulary a family models: words for captions, chars or words for language models."""
+    level = "word" if family == "captioner" else getattr(p.models, family).level
+    return Vocabulary.load(Path(p.paths.vocab) / ("words.json" if level == "word" else "chars.json"))
+
+
+def pretrained_embeddings(p: Params, family: str) -> np.ndarray | None:
+    """The embeddings stage's vectors when the family asks for them (word level only)."""
+    section = getattr(p.models, family)
+    if not section.pretrained_embeddings:
+        return None
+    if family != "captioner" and section.level != "word":
+        raise ValueError(f"models.{family}.pretrained_embeddings needs level: word (got {section.level})")
+    path = Path(p.paths.embeddings) / "words.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run the embeddings stage: dvc repro embeddings)")
+    return np.load(path)
+
+
+def build_datamodule(p: Params, family: str, vocab: Vocabulary) -> pl.LightningDataModule:
+    """The data module of a family over the prepared data."""
+    cfg = getattr(p.train, family)
+    if family == "captioner":
+        return CaptionDataModule(p.paths.coco, vocab, cfg.batch_size, p.models.captioner.max_len,
+                                 p.train.num_workers, p.seed)
+    model = getattr(p.models, family)
+    seq_len = cfg.bptt if family == "lstm_lm" else model.context
+    mode = "stream" if family == "lstm_lm" else "windows"
+    return LanguageModelDataModule(p.paths.encoded, model.level, cfg.batch_size, seq_len, mode, p.seed,
+                                   p.train.num_workers)
+
+
+def build_module(p: Params, family: str, vocab: Vocabulary, dm: pl.LightningDataModule) -> pl.LightningModule:
+    """A fresh LightningModule for a family (weights from the embeddings stage when asked)."""
+    embeddings = pretrained_embeddings(p, family)
+    model_cfg = getattr(p.models, family).model_dump()
+    train_cfg = getattr(p.train, family).model_dump()
+    if family == "captioner":
+        dm.setup("fit")
+        return CaptioningModule(model_cfg, train_cfg, vocab.tokens, dm.image_size, embeddings)
+    return LanguageModelModule(family, model_cfg, train_cfg, vocab.tokens, embeddings)
+
+
+def load_module(family: str, checkpoint: str | Path, device: str = "cpu") -> pl.LightningModule:
+    """A trained module from a checkpoint (weights_only: checkpoints never unpickle code)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no checkpoint (train first: capline train {family})")
+    cls = CaptioningModule if family == "captioner" else LanguageModelModule
+    module = cls.load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
+    return module.eval()
+
+
+def precision(p: Params) -> str:
+    """`auto`: bf16 autocast on a GPU, full fp32 on a CPU."""
+    if p.train.precision != "auto":
+        return p.train.precision
+    gpu = p.train.accelerator != "cpu" and torch.cuda.is_available()
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def build_trainer(p: Params, family: str, logger: Any = None, callbacks: list | None = None,
+                  **overrides: Any) -> pl.Trainer:
+    """A Trainer with checkpointing, early stopping, the non-finite guard and RNG-exact resume."""
+    cfg = getattr(p.train, family)
+    monitor, mode = MONITOR[family]
+    ckpt = ModelCheckpoint(dirpath=checkpoint_path(p, family).parent, filename="best", monitor=monitor,
+                           mode=mode, save_last=True, enable_version_counter=False)
+    cbs = [ckpt, NonFiniteLossGuard(f"lower train.{family}.lr or set train.{family}.clip_grad_norm"),
+           RNGStateCallback(), *(callbacks or [])]
+    if cfg.early_stopping_patience:
+        cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience))
+    if logger:
+        cbs.append(LearningRateMonitor(logging_interval="epoch"))
+    kwargs: dict[str, Any] = {
+        "accelerator": p.train.accelerator, "devices": p.train.devices, "precision": precision(p),
+        "max_epochs": cfg.max_epochs, "gradient_clip_val": cfg.clip_grad_norm or None,
+        "log_every_n_steps": p.train.log_every_n_steps, "callbacks": cbs, "logger": logger or False,
+        "deterministic": False, "enable_model_summary": False, **overrides}
+    return pl.Trainer(**kwargs)
+
+
+def train(p: Params, family: str, *, resume: bool | str | Path = False, logger: bool = True,
+          **trainer_overrides: Any) -> TrainResult:
+    """Fit `family` from params.
+
+    `resume=True` continues from the family's last.ckpt when there is one; a path resumes from that
+    checkpoint. Either way optimiser, scheduler, RNG states and the data position are restored.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    pl.seed_everything(p.seed, workers=True, verbose=False)
+    vocab = vocabulary(p, family)
+    dm = build_datamodule(p, family, vocab)
+    module = build_module(p, family, vocab, dm)
+    mlf = None
+    if logger:
+        mlf = tracking.lightning_logger(p.tracking.uri, p.tracking.experiment, run_name=f"train-{family}",
+                                        tags={"family": family, "params_hash": tracking.params_hash(p.to_dict()),
+                                              **tracking.lineage_tags(Path.cwd())})
+        mlf.log_hyperparams(tracking.flatten({"models": {family: getattr(p.models, family).model_dump()},
+                                              "train": p.train.model_dump(), "seed": p.seed}))
+    if p.train.compile:
+        module.model = torch.compile(module.model)
+    trainer = build_trainer(p, family, logger=mlf, **trainer_overrides)
+    last = checkpoint_path(p, family, "last")
+    ckpt_path = str(resume) if isinstance(resume, (str, Path)) else None
+    if resume is True and last.is_file():
+        ckpt_path = str(last)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_path or str(last)
+    run_id = mlf.run_id if mlf else None
+    if run_id and Path(best).is_file():
+        tracking.log_artifact(run_id, best, "checkpoints")
+    score = ckpt_cb.best_model_score
+    return TrainResult(family, best, str(last), MONITOR[family][0],
+                       float(score) if score is not None else float("nan"),
+                       trainer.current_epoch, trainer.global_step, run_id)

@@ -1,0 +1,192 @@
+"""LightningModules: one for captioning, one for language modelling.
+
+Each rebuilds its network from plain hyperparameters (the model's params section as a dict, the
+vocabulary size), so `load_from_checkpoint(path, weights_only=True)` needs nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.vocab import END_ID, PAD_ID, START_ID
+from pipeline.decoding import greedy
+from pipeline.metrics import caption_scores
+from pipeline.models.captioners import build_captioner
+from pipeline.models.language_models import build_language_model, detach_state
+from pipeline.params import (
+    CaptionerParams,
+    CaptionerTrainParams,
+    LstmLmParams,
+    LstmLmTrainParams,
+    OptimParams,
+    TransformerLmParams,
+)
+from pipeline.training.optim import build_optimizer, build_scheduler
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean token cross-entropy over non-pad targets. logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD_ID,
+                           label_smoothing=label_smoothing)
+
+
+class _Optimised(pl.LightningModule):
+    """Shared optimiser/scheduler set-up from a family's train section."""
+
+    train_cfg: OptimParams
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self) -> dict:
+        optimizer = build_optimizer(self.param_groups(), self.train_cfg, self.device.type)
+        steps = max(1, int(self.trainer.estimated_stepping_batches) // max(1, self.trainer.max_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.train_cfg, steps)}
+
+
+class CaptioningModule(_Optimised):
+    """Teacher-forced training of a captioner; validation decodes greedily and scores BLEU-4 and CIDEr."""
+
+    def __init__(self, model: dict[str, Any], train: dict[str, Any], vocab_tokens: list[str],
+                 image_size: int, embeddings: np.ndarray | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["embeddings"])
+        self.model_cfg = CaptionerParams.model_validate(model)
+        self.train_cfg = CaptionerTrainParams.model_validate(train)
+        self.vocab_tokens = vocab_tokens
+        self.model = build_captioner(self.model_cfg, len(vocab_tokens), embeddings)
+        self._val_hyps: dict[int, str] = {}
+
+    def param_groups(self) -> list[dict]:
+        """Encoder parameters (when any are trainable) get their own learning rate."""
+        enc = self.model.encoder_parameters()
+        enc_ids = {id(p) for p in enc}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in enc_ids]
+        groups = [{"params": rest}]
+        if enc and self.model_cfg.freeze_encoder:
+            groups.append({"params": enc, "lr": self.model_cfg.encoder_lr})
+        elif enc:
+            groups[0]["params"] = rest + enc
+        return groups
+
+    def sampling_probability(self) -> float:
+        """Scheduled-sampling probability for this epoch: linear from first to last epoch."""
+        start, end = self.train_cfg.scheduled_sampling
+        last = max(1, self.train_cfg.max_epochs - 1)
+        return start + (end - start) * min(1.0, self.current_epoch / last)
+
+    def _mix_inputs(self, memory: torch.Tensor, inputs: torch.Tensor, prob: float) -> torch.Tensor:
+        """Replace gold input words by the model's own predictions with probability `prob`.
+
+        Parallel scheduled sampling (Duckworth et al. 2019): one teacher-forced pass gives the
+        predictions, so it works for every architecture, including those that run the whole
+        sequence at once.
+        """
+        with torch.no_grad():
+            logits, _ = self.model(memory, inputs)  # (B, T, V)
+        predicted = logits.argmax(-1)[:, :-1]  # prediction for position t+1 made at t
+        swap = torch.rand(predicted.shape, device=inputs.device) < prob
+        swap &= inputs[:, 1:] != PAD_ID
+        mixed = inputs.clone()
+        mixed[:, 1:] = torch.where(swap, predicted, inputs[:, 1:])
+        return mixed
+
+    def _loss(self, memory: torch.Tensor, captions: torch.Tensor, prob: float = 0.0) -> torch.Tensor:
+        inputs, targets = captions[:, :-1], captions[:, 1:]  # (B, T)
+        if prob > 0:
+            inputs = self._mix_inputs(memory, inputs, prob)
+        logits, aux = self.model(memory, inputs)
+        loss = sequence_loss(logits, targets, self.train_cfg.label_smoothing if self.training else 0.0)
+        if "alphas" in aux and self.model_cfg.attention_reg > 0:
+            mask = (targets != PAD_ID).float()  # (B, T): attention at padded steps does not count
+            loss = loss + self.model_cfg.attention_reg * self.model.doubly_stochastic_penalty(aux["alphas"], mask)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        memory = self.model.encode(batch["images"])
+        prob = self.sampling_probability()
+        loss = self._loss(memory, batch["captions"], prob)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
+        self.log("train/sampling_prob", prob, batch_size=len(batch["captions"]))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_hyps = {}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        memory = self.model.encode(batch["images"])
+        captions = self._reference_batch(batch["image_index"]).to(self.device)
+        self.log("val/loss", self._loss(memory, captions), prog_bar=True, batch_size=len(captions))
+        result = greedy(self.model, memory, len(captions), self.model_cfg.max_len)
+        for idx, tokens in zip(batch["image_index"].tolist(), result.tokens, strict=True):
+            self._val_hyps[idx] = " ".join(self.vocab_tokens[t] for t in tokens)
+
+    def _reference_batch(self, image_index: torch.Tensor) -> torch.Tensor:
+        """First reference caption of each image as a padded id batch (B, T) for the validation loss."""
+        refs = self.trainer.datamodule.references("val")
+        index = {t: i for i, t in enumerate(self.vocab_tokens)}
+        rows = [[START_ID, *(index.get(w, 3) for w in refs[i][0].split())][: self.model_cfg.max_len] + [END_ID]
+                for i in image_index.tolist()]
+        out = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long)
+        for r, row in enumerate(rows):
+            out[r, : len(row)] = torch.tensor(row)
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_hyps or self.trainer.sanity_checking:
+            return
+        refs = self.trainer.datamodule.references("val")
+        scores = caption_scores({i: refs[i] for i in self._val_hyps}, self._val_hyps, meteor=False)
+        self.log("val/bleu_4", scores["bleu_4"])
+        self.log("val/cider", scores["cider"], prog_bar=True)
+
+
+class LanguageModelModule(_Optimised):
+    """Next-token training; an RNN's hidden state is carried across batches (truncated BPTT)."""
+
+    def __init__(self, family: str, model: dict[str, Any], train: dict[str, Any], vocab_tokens: list[str],
+                 embeddings: np.ndarray | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["embeddings"])
+        section = LstmLmParams if family == "lstm_lm" else TransformerLmParams
+        self.model_cfg = section.model_validate(model)
+        self.train_cfg = (LstmLmTrainParams if family == "lstm_lm" else OptimParams).model_validate(train)
+        self.carry_state = family == "lstm_lm"
+        self.vocab_tokens = vocab_tokens
+        self.model = build_language_model(family, self.model_cfg, len(vocab_tokens), embeddings)
+        self._state: dict[str, Any] = {"train": None, "val": None}
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        state = self._state[stage] if self.carry_state else None
+        logits, state = self.model(None, batch["inputs"], state)
+        if self.carry_state:
+            self._state[stage] = detach_state(state)  # truncated BPTT: no gradient across batches
+        smoothing = self.train_cfg.label_smoothing if stage == "train" else 0.0
+        loss = sequence_loss(logits, batch["targets"], smoothing)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch["targets"].numel())
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def on_train_epoch_start(self) -> None:
+        if self.trainer.fit_loop.epoch_loop.batch_progress.current.ready == 0:
+            self._state["train"] = None  # a new pass over the stream starts from a zero state
+
+    def on_validation_epoch_start(self) -> None:
+        self._state["val"] = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the carried hidden state so a mid-epoch resume continues exactly."""
+        checkpoint["carried_state"] = self._state["train"]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._state["train"] = checkpoint.get("carried_state")

@@ -1,0 +1,106 @@
+"""Training each family end to end on tiny data; exact resume; the non-finite guard; checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from pipeline.params import load_params
+from pipeline.training.callbacks import NonFiniteLossError
+from pipeline.training.fit import FAMILIES, load_module, train
+from tests.conftest import ROOT, TINY
+
+
+def params_in(prepared_params, tmp_path: Path, **overrides):
+    """The session's prepared data with models, metrics and MLflow under tmp_path."""
+    paths = {f"paths.{k}": v for k, v in prepared_params.paths.model_dump().items()}
+    return load_params(ROOT / "params.yaml", {
+        **TINY, **paths, "paths.models": str(tmp_path / "models"), "paths.metrics": str(tmp_path / "metrics"),
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **overrides})
+
+
+class LossRecorder(pl.Callback):
+    """Training loss of every optimizer step, in order."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+class SimulatedCrash(RuntimeError):
+    """Stands for a killed process (Lightning swallows KeyboardInterrupt, so not that)."""
+
+
+class Crash(pl.Callback):
+    """Simulate a killed process after `step` optimizer steps."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise SimulatedCrash(f"crash after step {self.step}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_writes_a_checkpoint_that_loads_weights_only(family, prepared_params, tmp_path):
+    p = params_in(prepared_params, tmp_path)
+    result = train(p, family, logger=False)
+    assert Path(result.best_checkpoint).is_file() and Path(result.last_checkpoint).is_file()
+    assert result.steps > 0 and result.epochs == 1
+    assert result.best_score == result.best_score  # not NaN: the monitored metric was logged
+    module = load_module(family, result.best_checkpoint)  # torch.load(weights_only=True) inside
+    assert not module.training
+    ckpt = torch.load(result.last_checkpoint, weights_only=True)
+    assert {"optimizer_states", "lr_schedulers", "callbacks"} <= set(ckpt)
+
+
+@pytest.mark.parametrize(("family", "overrides"), [
+    ("captioner", {"models.captioner.arch": "show_attend_tell", "models.captioner.dropout": 0.3,
+                   "train.captioner.scheduled_sampling": [0.2, 0.5]}),
+    ("lstm_lm", {"models.lstm_lm.dropout": 0.3, "models.lstm_lm.layers": 2}),
+    ("transformer_lm", {"models.transformer_lm.dropout": 0.3}),
+])
+def test_resume_mid_epoch_continues_exactly(family, overrides, prepared_params, tmp_path):
+    epochs = {f"train.{family}.max_epochs": 2}
+    full = LossRecorder()
+    train(params_in(prepared_params, tmp_path / "a", **overrides, **epochs), family, logger=False,
+          callbacks=[full])
+    steps = len(full.losses)
+    crash_at, saved_at = steps * 3 // 4, steps // 2  # second epoch, after a mid-epoch checkpoint
+    p = params_in(prepared_params, tmp_path / "b", **overrides, **epochs)
+    every = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=saved_at, save_top_k=-1,
+                            filename="{step}")
+    with pytest.raises(SimulatedCrash):
+        train(p, family, logger=False, callbacks=[every, Crash(crash_at)])
+    resumed = LossRecorder()
+    train(p, family, logger=False, resume=tmp_path / "steps" / f"step={saved_at}.ckpt", callbacks=[resumed])
+    assert len(resumed.losses) == steps - saved_at
+    assert resumed.losses == pytest.approx(full.losses[saved_at:], rel=1e-6, abs=1e-7)
+
+
+class PoisonWeights(pl.Callback):
+    """Turn one weight into NaN after the second step (a diverged run)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 2:
+            with torch.no_grad():
+                next(pl_module.model.parameters()).fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(prepared_params, tmp_path):
+    p = params_in(prepared_params, tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at epoch 0, step 3: lower "
+                                                 r"train.lstm_lm.lr"):
+        train(p, "lstm_lm", logger=False, callbacks=[PoisonWeights()])
+
+
+def test_unknown_family_is_rejected(prepared_params, tmp_path):
+    with pytest.raises(ValueError, match="unknown model family 'gpt'"):
+        train(params_in(prepared_params, tmp_path), "gpt", logger=False)
