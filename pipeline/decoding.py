@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipeline.data.vocab import END_ID, PAD_ID, START_ID
+from pipeline.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,17 @@ def _stack_attention(steps: list[Tensor | None], lengths: list[int]) -> list[Ten
     return [stacked[i, :n] for i, n in enumerate(lengths)]
 
 
+NEVER_GENERATED = (PAD_ID, START_ID)  # not outputs of any model; an untrained one can still rank them high
+
+
+def _step(model: nn.Module, memory: Tensor | None, state, tokens: Tensor, suppress=NEVER_GENERATED):
+    """model.step with the log-probs of `suppress`ed tokens set to -inf (they are never chosen)."""
+    logp, state, att = model.step(memory, state, tokens)  # (B, V)
+    logp = logp.clone()
+    logp[:, list(suppress)] = float("-inf")
+    return logp, state, att
+
+
 def _run(model: nn.Module, memory: Tensor | None, batch_size: int, max_len: int,
          choose: Callable[[Tensor], Tensor], start_tokens: Tensor | None) -> DecodeResult:
     """Left-to-right decoding where `choose(log_probs (B, V)) -> tokens (B,)` picks each token."""
@@ -70,7 +81,7 @@ def _run(model: nn.Module, memory: Tensor | None, batch_size: int, max_len: int,
     alive = torch.ones(batch_size, dtype=torch.bool, device=device)
     out, attn = [], []
     for _ in range(max_len):
-        logp, state, att = model.step(memory, state, tokens)  # (B, V)
+        logp, state, att = _step(model, memory, state, tokens)  # (B, V)
         tokens = choose(logp)  # (B,)
         score += torch.where(alive, logp.gather(1, tokens[:, None])[:, 0], 0.0)
         out.append(tokens)
@@ -162,7 +173,7 @@ def _beam(model: nn.Module, memory: Tensor | None, b: int, k: int, max_len: int,
     hist_att: list[Tensor | None] = []  # per step (B*K, N) attention of the parent rows
     live: list[list[tuple[float, int]]] = [[] for _ in range(b)]
     for t in range(1, max_len + 1):
-        logp, state, att = model.step(memory, state, tokens)  # (B*K, V)
+        logp, state, att = _step(model, memory, state, tokens)  # (B*K, V)
         v = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(b, k, v)).view(b, k * v)  # (B, K*V)
         top, idx = cand.topk(k, dim=-1)  # (B, K), best first
@@ -281,8 +292,9 @@ def beam_error_analysis(model: nn.Module, memory: Tensor | None, references: lis
 
 
 def generate_text(model: nn.Module, prompt_ids: list[int], max_new: int, temperature: float = 1.0,
-                  top_k: int | None = None, generator: torch.Generator | None = None) -> list[int]:
-    """Feed a non-empty prompt through `step`, then sample max_new tokens; returns the new ones."""
+                  top_k: int | None = None, generator: torch.Generator | None = None,
+                  suppress: tuple[int, ...] = (*NEVER_GENERATED, UNK_ID)) -> list[int]:
+    """Feed a non-empty prompt through `step`, then sample max_new tokens (never `suppress`); returns them."""
     if not prompt_ids:
         raise ValueError("generate_text: the prompt needs at least one token")
     choose = _sampler(temperature, top_k, generator)
@@ -290,11 +302,11 @@ def generate_text(model: nn.Module, prompt_ids: list[int], max_new: int, tempera
     with _decoding(model):
         state = model.init_state(None, 1)
         for tok in prompt_ids:
-            logp, state, _ = model.step(None, state, torch.tensor([tok], device=device))
+            logp, state, _ = _step(model, None, state, torch.tensor([tok], device=device), suppress)
         new: list[int] = []
         while len(new) < max_new:
             nxt = choose(logp)  # (1,)
             new.append(int(nxt))
             if len(new) < max_new:  # the last token needs no next-token distribution
-                logp, state, _ = model.step(None, state, nxt)
+                logp, state, _ = _step(model, None, state, nxt, suppress)
         return new

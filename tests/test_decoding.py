@@ -261,3 +261,25 @@ def test_generate_text(make):
     assert generate_text(lm, prompt, 15, 1.0, top_k=1) == expected
     with pytest.raises(ValueError, match="at least one token"):
         generate_text(lm, [], 5)
+
+
+class PrefersSpecials(nn.Module):
+    """A model whose favourite next tokens are <pad> and <start> (as an untrained one may be)."""
+
+    def init_state(self, memory, batch_size):
+        return torch.zeros(batch_size)
+
+    def step(self, memory, state, tokens):
+        logits = torch.tensor([5.0, 4.0, 0.0, 3.0, 1.0, 2.0]).expand(len(state), 6)  # pad, start, end, unk, a, b
+        return torch.log_softmax(logits, -1), state, None
+
+    def select(self, state, index):
+        return state[index]
+
+
+def test_pad_and_start_are_never_generated():
+    model = PrefersSpecials()
+    assert greedy(model, None, 2, 4).tokens == [[3, 3, 3, 3]] * 2
+    assert all(t not in (0, 1) for seq in beam_search(model, None, 2, 3, 4).tokens for t in seq)
+    new = generate_text(model, [4], 6, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert set(new) <= {2, 4, 5}  # <unk> is suppressed in free text too

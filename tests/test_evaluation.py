@@ -1,0 +1,114 @@
+"""Evaluation, inference and the train/evaluate/caption/generate commands on tiny trained models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.evaluation import evaluate
+from pipeline.inference import attention_strip, caption_images, generate, prompt_ids
+from pipeline.params import load_params
+from pipeline.training.fit import checkpoint_path, load_module, train
+from tests.conftest import ROOT, TINY
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_params, tmp_path_factory) -> dict:
+    """Each family trained for one tiny epoch; returns the params (as --set overrides) and checkpoints."""
+    root = tmp_path_factory.mktemp("trained")
+    overrides = {**TINY, **{f"paths.{k}": v for k, v in prepared_params.paths.model_dump().items()},
+                 "paths.models": str(root / "models"), "paths.metrics": str(root / "metrics"),
+                 "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"}
+    p = load_params(ROOT / "params.yaml", overrides)
+    for family in ("captioner", "lstm_lm", "transformer_lm"):
+        train(p, family, logger=False)
+    return {"params": p, "set": [f"{k}={json.dumps(v)}" for k, v in overrides.items()]}
+
+
+def test_evaluate_captioner_metrics(trained):
+    p = trained["params"]
+    m = evaluate(p, "captioner", checkpoint_path(p, "captioner"))
+    for key in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "nltk_bleu_4"):
+        assert 0.0 <= m[key] <= 10.0, key
+    assert m["beam_size"] == p.evaluate.beam_size and m["images"] == p.prepare_coco.split.test
+    assert m["meteor"] is None and "meteor_error" in m  # evaluate.meteor is off in TINY
+    assert m["search_error_fraction"] + m["model_error_fraction"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("family", ["lstm_lm", "transformer_lm"])
+def test_evaluate_language_model_metrics(trained, family):
+    p = trained["params"]
+    m = evaluate(p, family, checkpoint_path(p, family))
+    assert m["level"] == "char" and m["tokens"] > 0
+    assert m["perplexity"] == pytest.approx(np.exp(m["test_loss"]))
+    assert m["bits_per_char"] == pytest.approx(m["test_loss"] / np.log(2))
+    assert 0 < m["unigram_bits_per_char"] < np.log2(len(load_module(family, checkpoint_path(p, family)).vocab_tokens)) + 1
+
+
+def test_caption_images_from_files(trained, prepared_params, tmp_path):
+    p = trained["params"]
+    module = load_module("captioner", checkpoint_path(p, "captioner"))
+    images = sorted((Path(prepared_params.paths.sample) / "images").glob("*.jpg"))[:3]
+    results = caption_images(module, images, beam_size=2, alpha=0.7)
+    assert [r.path for r in results] == images
+    assert all(isinstance(r.text, str) for r in results)
+    if module.model_cfg.arch == "show_attend_tell":
+        assert all(r.attention.shape[0] >= len(r.words) for r in results)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.jpg: cannot use this image"):
+        caption_images(module, [bad], beam_size=2, alpha=0.7)
+
+
+def test_attention_strip_has_one_panel_per_word():
+    image = np.zeros((3, 32, 32), dtype=np.uint8)
+    attention = torch.softmax(torch.randn(3, 16), dim=-1)  # two words + <end>, a 4x4 grid
+    strip = attention_strip(image, ["red", "circle"], attention, cell=40)
+    assert strip.size == (40 * 4, 58)
+    with pytest.raises(ValueError, match="not a square grid"):
+        attention_strip(image, ["a"], torch.rand(2, 15))
+
+
+def test_generate_text_continues_the_prompt(trained):
+    p = trained["params"]
+    module = load_module("lstm_lm", checkpoint_path(p, "lstm_lm"))
+    text = generate(module, "The ", length=30, temperature=0.8, seed=1)
+    assert text.startswith("The ") and len(text) == 34
+    assert generate(module, "The ", 30, 0.8, seed=1) == text  # seeded
+    assert prompt_ids(module, "\x00") == [3]  # unknown character -> <unk>
+
+
+def test_cli_evaluate_caption_generate(trained, prepared_params, tmp_path):
+    sets = [arg for s in trained["set"] for arg in ("--set", s)]
+    result = runner.invoke(app, ["evaluate", "lstm_lm", *sets])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((Path(trained["params"].paths.metrics) / "evaluate_lstm_lm.json").read_text())
+    assert {"test_loss", "perplexity", "bits_per_char", "unigram_bits_per_char"} <= set(metrics)
+    image = sorted((Path(prepared_params.paths.sample) / "images").glob("*.jpg"))[0]
+    result = runner.invoke(app, ["caption", str(image), "--beam", "2", "--attention-out", str(tmp_path), *sets])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{image}: ")
+    overlays = list(tmp_path.glob("*.attention.png"))
+    assert len(overlays) == 1 and Image.open(overlays[0]).height > 0
+    result = runner.invoke(app, ["generate", "transformer_lm", "--prompt", "def ", "--length", "10", *sets])
+    assert result.exit_code == 0 and result.output.startswith("def ")
+
+
+def test_cli_train_prints_the_checkpoint(prepared_params, tmp_path):
+    sets = [f"{k}={json.dumps(v)}" for k, v in {
+        **TINY, **{f"paths.{k}": v for k, v in prepared_params.paths.model_dump().items()},
+        "paths.models": str(tmp_path / "models"), "paths.metrics": str(tmp_path / "metrics"),
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}.items()]
+    result = runner.invoke(app, ["train", "transformer_lm", *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    assert f"checkpoint: {tmp_path / 'models' / 'transformer_lm' / 'best.ckpt'}" in result.output
+    assert (tmp_path / "metrics" / "train_transformer_lm.json").is_file()
