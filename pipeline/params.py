@@ -7,6 +7,7 @@ missing key fails loudly instead of silently taking a value from code.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_PATH = Path("params.yaml")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats such as 3e-3 (PyYAML's 1.1 rules make them strings)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ParamsError(ValueError):
@@ -280,7 +296,7 @@ def load_params(
     """Read params.yaml, apply dotted-key overrides, validate; raise ParamsError naming the key."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found (run from the project root, or pass --params)") from None
     except yaml.YAMLError as err:
@@ -321,7 +337,7 @@ def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ParamsError(f"--set {item!r}: expected key=value, e.g. vocab.min_freq=2")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = _yaml(value)
         except yaml.YAMLError as err:
             raise ParamsError(f"--set {key}: value is not valid YAML: {err}") from None
     return out

@@ -65,8 +65,8 @@ def test_unknown_override_key_is_rejected():
 
 
 def test_assignments_parse_yaml_values():
-    assert parse_assignments(["a.b=3", "c=[x, y]", "d=null", "e=1.5e-3"]) == {
-        "a.b": 3, "c": ["x", "y"], "d": None, "e": 1.5e-3}
+    assert parse_assignments(["a.b=3", "c=[x, y]", "d=null", "e=1.5e-3", "f=3e-3", "g=1e"]) == {
+        "a.b": 3, "c": ["x", "y"], "d": None, "e": 1.5e-3, "f": 3e-3, "g": "1e"}
     with pytest.raises(ParamsError, match="expected key=value"):
         parse_assignments(["novalue"])
 
