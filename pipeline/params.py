@@ -51,6 +51,8 @@ class PathsParams(Section):
     encoded: str
     embeddings: str
     models: str
+    sweeps: str
+    ray_storage: str
     metrics: str
 
 
@@ -268,6 +270,71 @@ class TrackingParams(Section):
     experiment: str = Field(min_length=1)
 
 
+DOMAINS = ("loguniform", "one_minus_loguniform", "uniform", "randint", "choice")
+
+
+def check_domain(key: str, spec: Any) -> None:
+    """A search-space entry: exactly one known domain with valid bounds, else ValueError naming the key."""
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+        raise ValueError(f"{key}: expected one of {{{', '.join(DOMAINS)}: ...}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"{key}: choice needs a non-empty list, got {args!r}")
+        return
+    if (not isinstance(args, list) or len(args) != 2
+            or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)):
+        raise ValueError(f"{key}: {kind} needs [low, high] numbers, got {args!r}")
+    low, high = args
+    if not low < high:
+        raise ValueError(f"{key}: {kind} needs low < high, got [{low}, {high}]")
+    if kind in ("loguniform", "one_minus_loguniform") and low <= 0:
+        raise ValueError(f"{key}: {kind} needs low > 0, got {low}")
+    if kind == "one_minus_loguniform" and high >= 1:
+        raise ValueError(f"{key}: one_minus_loguniform bounds 1 - value, so high must be < 1, got {high}")
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        raise ValueError(f"{key}: randint needs integer bounds, got {args!r}")
+
+
+class SweepFamilyParams(Section):
+    num_samples: int = Field(ge=1)
+    max_concurrent: int = Field(ge=0)
+    max_epochs: int = Field(ge=1)
+    grace_period: int = Field(ge=1)
+    reduction_factor: int = Field(ge=2)
+    num_workers: int = Field(ge=1, le=1024)
+    use_gpu: bool
+    cpus_per_worker: float = Field(gt=0)
+    gpus_per_worker: float = Field(ge=0)
+    max_failures: int = Field(ge=0)
+    space: dict[str, Any] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _domains(self) -> SweepFamilyParams:
+        for key, spec in self.space.items():
+            check_domain(f"space.{key}", spec)
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) must be <= max_epochs ({self.max_epochs})")
+        if self.use_gpu != (self.gpus_per_worker > 0):
+            raise ValueError("use_gpu and gpus_per_worker > 0 go together")
+        return self
+
+
+class SweepParams(Section):
+    ray_address: str | None
+    captioner: SweepFamilyParams
+    lstm_lm: SweepFamilyParams
+    transformer_lm: SweepFamilyParams
+
+
+def _lookup(tree: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -283,6 +350,19 @@ class Params(Section):
     train: TrainParams
     evaluate: EvaluateParams
     tracking: TrackingParams
+    sweep: SweepParams
+
+    @model_validator(mode="after")
+    def _space_keys_exist(self) -> Params:
+        tree = self.model_dump(mode="json")
+        for family in ("captioner", "lstm_lm", "transformer_lm"):
+            for key in getattr(self.sweep, family).space:
+                if not _lookup(tree, key) or key.startswith("sweep."):
+                    raise ValueError(f"sweep.{family}.space.{key}: no such params key to search over")
+                if not (key.startswith((f"models.{family}.", f"train.{family}.")) or key == "seed"):
+                    raise ValueError(f"sweep.{family}.space.{key}: a {family} sweep may only vary "
+                                     f"models.{family}.*, train.{family}.* or seed")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for logging and hashing)."""
@@ -318,14 +398,17 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """One line per problem: `source: key.path: what was expected (got value)`."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(part) for part in e["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in e["loc"])
         if e["type"] == "extra_forbidden":
             what = "unknown key (not in params.yaml's schema; check the spelling)"
         elif e["type"] == "missing":
             what = "missing key (every default lives in params.yaml)"
+        elif e["type"] == "value_error":  # our own checks: the message names what was wrong
+            what = e["msg"].removeprefix("Value error, ")
         else:
-            what = f"{e['msg']} (got {e.get('input')!r})"
-        lines.append(f"{source}: {key}: {what}")
+            shown = repr(e.get("input"))
+            what = e["msg"] + (f" (got {shown})" if len(shown) <= 80 else "")
+        lines.append(f"{source}: {key}: {what}" if key else f"{source}: {what}")
     return "invalid params:\n  " + "\n  ".join(lines)
 
 

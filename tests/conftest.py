@@ -76,7 +76,8 @@ def tiny_overrides(root: Path) -> dict[str, object]:
     paths = {k: str(root / v) for k, v in {
         "sample": "data/sample", "coco": "data/prepared/coco", "text": "data/prepared/text",
         "vocab": "data/vocab", "encoded": "data/encoded", "embeddings": "artifacts/embeddings",
-        "models": "artifacts/models", "metrics": "metrics"}.items()}
+        "models": "artifacts/models", "sweeps": "artifacts/sweeps", "ray_storage": "ray_results",
+        "metrics": "metrics"}.items()}
     return {
         **TINY,
         **{f"paths.{k}": v for k, v in paths.items()},

@@ -1,5 +1,6 @@
 """params.yaml loading: every default validates; bad keys, types and ranges are named."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,19 @@ def test_file_errors_name_the_file(tmp_path: Path):
 def test_val_files_must_come_in_pairs():
     with pytest.raises(ParamsError, match="data.coco: .*given together"):
         load_params(ROOT / "params.yaml", {"data.coco.val_annotations": "x.json"})
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({}, "sweep.lstm_lm.space: Dictionary should have at least 1 item"),
+    ({"train.lstm_lm.lrr": {"loguniform": [1.0e-3, 1.0e-2]}}, "space.train.lstm_lm.lrr: no such params key"),
+    ({"models.captioner.arch": {"choice": ["show_tell"]}}, "a lstm_lm sweep may only vary"),
+    ({"train.lstm_lm.lr": {"loguniform": [0, 1.0e-2]}}, "loguniform needs low > 0"),
+    ({"train.lstm_lm.lr": {"loguniform": [1.0e-2, 1.0e-3]}}, "needs low < high"),
+    ({"train.lstm_lm.beta1": {"one_minus_loguniform": [0.1, 1.5]}}, "high must be < 1"),
+    ({"train.lstm_lm.lr": {"normal": [0, 1]}}, "expected one of {loguniform"),
+    ({"models.lstm_lm.layers": {"randint": [1.5, 3]}}, "randint needs integer bounds"),
+    ({"models.lstm_lm.cell": {"choice": []}}, "choice needs a non-empty list"),
+])
+def test_bad_search_spaces_are_rejected_naming_the_key(space, message):
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        load_params(ROOT / "params.yaml", {"sweep.lstm_lm.space": space})
