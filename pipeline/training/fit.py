@@ -151,7 +151,7 @@ def train(p: Params, family: str, *, resume: bool | str | Path = False, logger: 
         mlf.log_hyperparams(tracking.flatten({"models": {family: getattr(p.models, family).model_dump()},
                                               "train": p.train.model_dump(), "seed": p.seed}))
     if p.train.compile:
-        module.model = torch.compile(module.model)
+        module.model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
     trainer = build_trainer(p, family, logger=mlf, **trainer_overrides)
     last = checkpoint_path(p, family, "last")
     ckpt_path = str(resume) if isinstance(resume, (str, Path)) else None

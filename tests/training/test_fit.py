@@ -104,3 +104,13 @@ def test_non_finite_loss_stops_with_a_clear_message(prepared_params, tmp_path):
 def test_unknown_family_is_rejected(prepared_params, tmp_path):
     with pytest.raises(ValueError, match="unknown model family 'gpt'"):
         train(params_in(prepared_params, tmp_path), "gpt", logger=False)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager_and_checkpoints_load_uncompiled(prepared_params, tmp_path):
+    eager = train(params_in(prepared_params, tmp_path / "eager"), "transformer_lm", logger=False)
+    compiled = train(params_in(prepared_params, tmp_path / "compiled", **{"train.compile": True}),
+                     "transformer_lm", logger=False)
+    assert compiled.best_score == pytest.approx(eager.best_score, rel=1e-3)
+    module = load_module("transformer_lm", compiled.best_checkpoint)  # same state_dict keys as eager
+    assert type(module.model).__name__ == "TransformerLanguageModel"
