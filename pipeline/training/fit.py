@@ -12,7 +12,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
-from pipeline import tracking
 from pipeline.data.vocab import Vocabulary
 from pipeline.params import Params
 from pipeline.training.callbacks import NonFiniteLossGuard, RNGStateCallback
@@ -145,6 +144,8 @@ def train(p: Params, family: str, *, resume: bool | str | Path = False, logger: 
     module = build_module(p, family, vocab, dm)
     mlf = None
     if logger:
+        from pipeline import tracking  # only when tracking: GPU boxes without mlflow can still train
+
         mlf = tracking.lightning_logger(p.tracking.uri, p.tracking.experiment, run_name=f"train-{family}",
                                         tags={"family": family, "params_hash": tracking.params_hash(p.to_dict()),
                                               **tracking.lineage_tags(Path.cwd())})
@@ -162,6 +163,8 @@ def train(p: Params, family: str, *, resume: bool | str | Path = False, logger: 
     best = ckpt_cb.best_model_path or str(last)
     run_id = mlf.run_id if mlf else None
     if run_id and Path(best).is_file():
+        from pipeline import tracking
+
         tracking.log_artifact(run_id, best, "checkpoints")
     score = ckpt_cb.best_model_score
     return TrainResult(family, best, str(last), MONITOR[family][0],
