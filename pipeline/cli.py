@@ -85,6 +85,18 @@ def train(family: Annotated[Family, typer.Argument(help="Model family to train."
 
 
 @app.command()
+def sweep(family: Annotated[Family, typer.Argument(help="Model family to tune.")],
+          params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None,
+          address: Annotated[str | None, typer.Option(
+              help="Ray cluster to run on (auto, ray://head:10001); default: sweep.ray_address or a local Ray.")]
+          = None) -> None:
+    """Random log-scale search with ASHA on Ray Tune; every trial a nested MLflow run. Resumes if interrupted."""
+    from stages.sweep import run
+
+    run(_load(params, set_), family.value, address=address)
+
+
+@app.command()
 def evaluate(family: Annotated[Family, typer.Argument(help="Model family to score.")],
              checkpoint: CheckpointOpt = None, params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None) -> None:
     """Score a trained model on the test split; write metrics/evaluate_<family>.json."""

@@ -11,16 +11,29 @@ import sys
 from pathlib import Path
 
 from pipeline.evaluation import evaluate
-from pipeline.io import write_json
+from pipeline.io import atomic_open, write_json
 from pipeline.params import Params, load_params
-from pipeline.training.fit import FAMILIES, checkpoint_path
+from pipeline.training.fit import FAMILIES, checkpoint_path, learning_curve
+
+CURVE_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_cider")
+
+
+def write_curve(path: Path, history: list[dict[str, float]]) -> None:
+    """The learning curve as CSV for `dvc plots` (x = epoch)."""
+    with atomic_open(path) as fh:
+        columns = [c for c in CURVE_COLUMNS if any(c in row for row in history)] or ["epoch"]
+        fh.write(",".join(columns) + "\n")
+        for row in history:
+            fh.write(",".join(f"{row[c]:g}" if c in row else "" for c in columns) + "\n")
 
 
 def run(p: Params, family: str, checkpoint: str | Path | None = None) -> dict:
-    """Evaluate `family` (default checkpoint: its best.ckpt); write metrics/evaluate_<family>.json."""
+    """Evaluate `family` (default: its best.ckpt); write metrics/evaluate_<family>.json and its learning curve."""
     ckpt = Path(checkpoint) if checkpoint else checkpoint_path(p, family, "best")
     metrics = evaluate(p, family, ckpt)
     write_json(Path(p.paths.metrics) / f"evaluate_{family}.json", metrics)
+    last = ckpt.with_name("last.ckpt")  # the full run's history; best.ckpt stops at the best epoch
+    write_curve(Path(p.paths.metrics) / f"curve_{family}.csv", learning_curve(last if last.is_file() else ckpt))
     shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
     print(f"evaluate {family}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     return metrics

@@ -70,3 +70,36 @@ class RNGStateCallback(pl.Callback):
         random.setstate((state["python_version"], tuple(state["python"]), None))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpochHistory(pl.Callback):
+    """Per-epoch learning curve (mean train loss, validation metrics), kept in every checkpoint."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.history: list[dict[str, float]] = []
+        self._losses: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._losses = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._losses.append(float(loss))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning validates before this hook, so the epoch's validation metrics are in callback_metrics
+        row = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step),
+               "train_loss": sum(self._losses) / max(1, len(self._losses))}
+        for key in ("val/loss", self.monitor):
+            if key in trainer.callback_metrics:
+                row[key.replace("/", "_")] = float(trainer.callback_metrics[key])
+        self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))

@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, Mode
 
 from pipeline.data.vocab import Vocabulary
 from pipeline.params import Params
-from pipeline.training.callbacks import NonFiniteLossGuard, RNGStateCallback
+from pipeline.training.callbacks import EpochHistory, NonFiniteLossGuard, RNGStateCallback
 from pipeline.training.datamodules import CaptionDataModule, LanguageModelDataModule
 from pipeline.training.modules import CaptioningModule, LanguageModelModule
 
@@ -37,6 +37,7 @@ class TrainResult:
     epochs: int
     steps: int
     run_id: str | None
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +91,12 @@ def build_module(p: Params, family: str, vocab: Vocabulary, dm: pl.LightningData
     return LanguageModelModule(family, model_cfg, train_cfg, vocab.tokens, embeddings)
 
 
+def learning_curve(checkpoint: str | Path) -> list[dict[str, float]]:
+    """The per-epoch history stored in a checkpoint by EpochHistory (empty for foreign checkpoints)."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return list(ckpt.get("callbacks", {}).get("EpochHistory", {}).get("history", []))
+
+
 def load_module(family: str, checkpoint: str | Path, device: str = "cpu") -> pl.LightningModule:
     """A trained module from a checkpoint (weights_only: checkpoints never unpickle code)."""
     checkpoint = Path(checkpoint)
@@ -116,7 +123,7 @@ def build_trainer(p: Params, family: str, logger: Any = None, callbacks: list | 
     ckpt = ModelCheckpoint(dirpath=checkpoint_path(p, family).parent, filename="best", monitor=monitor,
                            mode=mode, save_last=True, enable_version_counter=False)
     cbs = [ckpt, NonFiniteLossGuard(f"lower train.{family}.lr or set train.{family}.clip_grad_norm"),
-           RNGStateCallback(), *(callbacks or [])]
+           RNGStateCallback(), EpochHistory(monitor), *(callbacks or [])]
     if cfg.early_stopping_patience:
         cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience))
     if logger:
@@ -167,6 +174,7 @@ def train(p: Params, family: str, *, resume: bool | str | Path = False, logger: 
 
         tracking.log_artifact(run_id, best, "checkpoints")
     score = ckpt_cb.best_model_score
+    history = next(cb.history for cb in trainer.callbacks if isinstance(cb, EpochHistory))
     return TrainResult(family, best, str(last), MONITOR[family][0],
                        float(score) if score is not None else float("nan"),
-                       trainer.current_epoch, trainer.global_step, run_id)
+                       trainer.current_epoch, trainer.global_step, run_id, history)

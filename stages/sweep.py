@@ -1,0 +1,50 @@
+"""Hyperparameter sweep of one model family on Ray Tune (random log-scale search, ASHA), in MLflow.
+
+DVC stage `sweep@<family>`: params `seed`, `sweep.<family>`, `models.<family>`, `train.<family>`, `tracking`;
+prepared data -> {paths.sweeps}/<family>/best.json, metrics/sweep_<family>.json.
+Ray's trial folders live in {paths.ray_storage}, outside DVC outputs; rerunning an interrupted sweep resumes it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.io import write_json
+from pipeline.params import Params, load_params
+from pipeline.training.fit import FAMILIES, MONITOR
+
+
+def best_path(p: Params, family: str) -> Path:
+    """Where a family's best configuration is written (and where train@<family> reads it)."""
+    return Path(p.paths.sweeps) / family / "best.json"
+
+
+def run(p: Params, family: str, address: str | None = None) -> dict:
+    """Sweep `family`; write best.json (the winning overrides) and metrics/sweep_<family>.json."""
+    from pipeline.tuning import run_sweep  # Ray is imported only when a sweep runs
+
+    result = run_sweep(p, family, address=address or p.sweep.ray_address)
+    if result.best is None:
+        raise RuntimeError(f"sweep {family}: no trial finished with a finite {MONITOR[family][0]} "
+                           f"({result.errored} of {len(result.trials)} errored); see MLflow run {result.parent_run_id}")
+    metrics = result.to_metrics()
+    write_json(best_path(p, family), {"family": family, "monitor": MONITOR[family][0], "metric": result.best.metric,
+                                      "overrides": result.best.config, "trial_id": result.best.trial_id,
+                                      "run_id": result.best.run_id, "sweep_run_id": result.parent_run_id})
+    write_json(Path(p.paths.metrics) / f"sweep_{family}.json", metrics)
+    print(f"sweep {family}: {metrics['trials']} trials ({metrics['completed']} completed, "
+          f"{metrics['early_stopped']} stopped early, {metrics['errored']} errored) in "
+          f"{metrics['wall_seconds']:.0f} s; best {MONITOR[family][0]} {result.best.metric:.4f} "
+          f"with {result.best.config}")
+    return metrics
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or sys.argv[1] not in FAMILIES:
+        sys.exit(f"usage: python -m stages.sweep {{{','.join(FAMILIES)}}}")
+    run(load_params(), sys.argv[1])
+
+
+if __name__ == "__main__":
+    main()
