@@ -58,29 +58,29 @@ def repo(tmp_path_factory) -> Path:
     return repo
 
 
-def test_repro_runs_every_stage_then_nothing(repo: Path):
-    assert ran(sh(repo, "dvc", "repro")) == DATA_STAGES
+def test_repro_runs_every_data_stage_then_nothing(repo: Path):
+    assert ran(sh(repo, "dvc", "repro", "embeddings")) == DATA_STAGES
     for out in ("data/sample/annotations/captions.json", "data/prepared/coco/train/images.npy",
                 "data/vocab/words.json", "data/encoded/text_train_word.npy",
                 "artifacts/embeddings/words.npy", "metrics/embeddings.json"):
         assert (repo / out).is_file(), out
-    assert ran(sh(repo, "dvc", "repro")) == set()
-    assert "up to date" in sh(repo, "dvc", "status")
+    assert ran(sh(repo, "dvc", "repro", "embeddings")) == set()
+    assert "changed" not in sh(repo, "dvc", "status", "embeddings")
 
 
 def test_changing_min_freq_reruns_only_downstream(repo: Path):
-    sh(repo, "dvc", "repro")
+    sh(repo, "dvc", "repro", "embeddings")
     write_params(repo, {**TINY, "vocab.min_freq": 2})
-    assert ran(sh(repo, "dvc", "repro")) == {"vocab", "embeddings"}
+    assert ran(sh(repo, "dvc", "repro", "embeddings")) == {"vocab", "embeddings"}
     assert '"min_freq": 2' in sh(repo, "dvc", "metrics", "show", "--json")
 
 
 def test_exp_run_overrides_go_through_the_params_loader(repo: Path):
-    sh(repo, "dvc", "repro")
-    assert ran(sh(repo, "dvc", "exp", "run", "-S", "vocab.min_freq=3")) == {"vocab", "embeddings"}
+    sh(repo, "dvc", "repro", "embeddings")
+    assert ran(sh(repo, "dvc", "exp", "run", "-S", "vocab.min_freq=3", "embeddings")) == {"vocab", "embeddings"}
     assert '"min_freq": 3' in sh(repo, "dvc", "metrics", "show", "--json")
-    out = sh(repo, "dvc", "exp", "run", "-S", "vocab.min_freq=0", ok=False)
+    out = sh(repo, "dvc", "exp", "run", "-S", "vocab.min_freq=0", "embeddings", ok=False)
     assert "vocab.min_freq: Input should be greater than or equal to 1" in out
     # DVC refuses a new key unless it is appended with "+"; then our loader rejects it.
-    out = sh(repo, "dvc", "exp", "run", "-S", "+vocab.min_frequency=2", ok=False)
+    out = sh(repo, "dvc", "exp", "run", "-S", "+vocab.min_frequency=2", "embeddings", ok=False)
     assert "vocab.min_frequency: unknown key" in out
