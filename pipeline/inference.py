@@ -93,3 +93,18 @@ def generate(module: LanguageModelModule, prompt: str, length: int, temperature:
     if module.model_cfg.level == "char":
         return prompt + "".join("\n" if i == END_ID else vocab[i] for i in ids)
     return prompt + " " + " ".join("\n" if i == END_ID else vocab[i] for i in ids)
+
+
+def caption_bytes(module: CaptioningModule, images: list[bytes | str], beam_size: int, alpha: float) -> list[str]:
+    """Captions for encoded images given as bytes or base64 text (what a served model receives)."""
+    import base64
+    import tempfile
+
+    paths = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, data in enumerate(images):
+            raw = base64.b64decode(data) if isinstance(data, str) else bytes(data)
+            path = Path(tmp) / f"image{i}"
+            path.write_bytes(raw)
+            paths.append(path)
+        return [c.text for c in caption_images(module, paths, beam_size, alpha)]

@@ -369,6 +369,18 @@ class Params(Section):
         return self.model_dump(mode="json")
 
 
+def flatten_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params as {dotted key: leaf value} (lists are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value and key != "space":
+            out.update(flatten_keys(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
 def load_params(
     path: str | Path = DEFAULT_PATH,
     overrides: Mapping[str, Any] | Iterable[str] | None = None,

@@ -134,15 +134,16 @@ def start_run(
     return TrackedRun(run.info.run_id, experiment_id)
 
 
-def end_run(status: str = "FINISHED", run_id: str | None = None) -> None:
-    """End run_id (default: the active run) with FINISHED, FAILED or KILLED."""
+def end_run(status: str = "FINISHED", run_id: str | None = None, end_time: float | None = None) -> None:
+    """End run_id (default: the active run) with FINISHED, FAILED or KILLED (at end_time, epoch seconds)."""
     if status not in END_STATUSES:
         raise ValueError(f"end_run: status must be one of {END_STATUSES}, got {status!r}")
     active = mlflow.active_run()
     if run_id is None or (active is not None and active.info.run_id == run_id):
         mlflow.end_run(status)
     else:
-        MlflowClient().set_terminated(run_id, status)
+        ms = int(end_time * 1000) if end_time is not None else None
+        MlflowClient().set_terminated(run_id, status, end_time=ms)
 
 
 def _run_id(run_id: str | None) -> str:
@@ -307,3 +308,132 @@ def mark_stale_runs(uri: str, experiment: str, status: str = "KILLED") -> list[s
         log.info("marked stale MLflow run %s as %s", run_id, status)
     return stale
 
+
+# ---- runs that are not the process's active run (Ray trials, sweeps), and looking runs up ----------------
+
+
+def create_run(uri: str, experiment: str, run_name: str | None = None, tags: Mapping[str, Any] | None = None,
+               parent_run_id: str | None = None) -> str:
+    """Start a run without making it this process's active run (nested under parent_run_id when given)."""
+    experiment_id = configure(uri, experiment)
+    all_tags = _run_tags(tags)
+    if parent_run_id is not None:
+        all_tags["mlflow.parentRunId"] = parent_run_id  # what MLflow's UI nests by
+    return MlflowClient().create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
+
+
+def reopen_run(run_id: str) -> None:
+    """Mark an ended run RUNNING again, owned by this process (a resumed sweep, a retried trial)."""
+    MlflowClient().update_run(run_id, status="RUNNING")
+    set_tags(run_id, {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
+
+
+def _record(run: Any) -> dict[str, Any]:
+    """A run as plain data: run_id, run_name, status, start/end time (epoch s), tags, params, metrics."""
+    info = run.info
+    return {"run_id": info.run_id, "run_name": info.run_name, "status": info.status,
+            "start_time": info.start_time / 1000 if info.start_time else None,
+            "end_time": info.end_time / 1000 if info.end_time else None,
+            "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": dict(run.data.metrics)}
+
+
+def tag_filter(tags: Mapping[str, str]) -> str:
+    """An MLflow filter string matching every tag exactly (keys quoted, so dotted names work)."""
+    for key, value in tags.items():
+        if "'" in str(value) or "`" in key:
+            raise ValueError(f"tag_filter: cannot match {key}={value!r} (quotes are not supported)")
+    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+
+
+def find_runs(uri: str, experiment: str, filter_string: str = "", order_by: list[str] | None = None,
+              max_results: int | None = None) -> list[dict[str, Any]]:
+    """Runs of `experiment` matching an MLflow filter, newest first unless order_by says otherwise."""
+    experiment_id = configure(uri, experiment)
+    runs = mlflow.search_runs([experiment_id], filter_string, run_view_type=ViewType.ACTIVE_ONLY,
+                              order_by=order_by or ["attributes.start_time DESC"], output_format="list",
+                              max_results=max_results or 100_000)
+    return [_record(run) for run in runs]
+
+
+def get_run(uri: str, run_id: str) -> dict[str, Any]:
+    """One run as plain data (see find_runs); MlflowException when there is no such run."""
+    mlflow.set_tracking_uri(uri)
+    return _record(MlflowClient().get_run(run_id))
+
+
+def child_runs(uri: str, experiment: str, parent_run_id: str) -> list[dict[str, Any]]:
+    """The runs nested under parent_run_id (a sweep's trials), oldest first."""
+    return find_runs(uri, experiment, tag_filter({"mlflow.parentRunId": parent_run_id}),
+                     order_by=["attributes.start_time ASC"])
+
+
+def latest_sweep(uri: str, experiment: str, family: str | None = None) -> dict[str, Any] | None:
+    """The most recently started sweep (parent) run, of one family when given."""
+    tags = {"capline.kind": "sweep", **({"family": family} if family else {})}
+    runs = find_runs(uri, experiment, tag_filter(tags), max_results=1)
+    return runs[0] if runs else None
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of one metric, in step order."""
+    mlflow.set_tracking_uri(uri)
+    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def log_figure(run_id: str | None, figure: Any, artifact_file: str) -> None:
+    """Save a matplotlib figure as an artifact (e.g. "sweep/metric_vs_params.png")."""
+    MlflowClient().log_figure(_run_id(run_id), figure, artifact_file)
+
+
+def log_dict(run_id: str | None, data: Mapping[str, Any], artifact_file: str) -> None:
+    """Save plain data as a JSON (or YAML, by extension) artifact."""
+    MlflowClient().log_dict(_run_id(run_id), dict(data), artifact_file)
+
+
+def list_artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
+    """Artifact paths directly under `path` of a run."""
+    mlflow.set_tracking_uri(uri)
+    return [f.path for f in MlflowClient().list_artifacts(run_id, path)]
+
+
+# ---- model registry -------------------------------------------------------------------------------------
+class CaplineModel(mlflow.pyfunc.PythonModel):
+    """A trained capline checkpoint as an MLflow pyfunc model.
+
+    Captioner: a DataFrame with an `image` column of encoded image bytes (or base64 text) -> captions.
+    Language models: a `prompt` column -> the prompt continued by `length` sampled tokens.
+    """
+
+    def __init__(self, family: str, beam_size: int = 3, alpha: float = 0.7, length: int = 200,
+                 temperature: float = 0.8) -> None:
+        self.family, self.beam_size, self.alpha = family, beam_size, alpha
+        self.length, self.temperature = length, temperature
+
+    def load_context(self, context: Any) -> None:
+        from pipeline.training.fit import load_module
+
+        self.module = load_module(self.family, context.artifacts["checkpoint"])
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
+        from pipeline import inference
+
+        if self.family == "captioner":
+            return inference.caption_bytes(self.module, list(model_input["image"]), self.beam_size, self.alpha)
+        return [inference.generate(self.module, str(prompt), self.length, self.temperature)
+                for prompt in model_input["prompt"]]
+
+
+def register_checkpoint(uri: str, run_id: str, family: str, checkpoint: str | Path,
+                        alias: str = "champion") -> dict[str, str]:
+    """Log `checkpoint` as a pyfunc model in run `run_id` and register it as `capline-<family>`@alias."""
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=CaplineModel(family), artifacts={"checkpoint": str(checkpoint)},
+            # explicit requirements: inferring them would load the model in a subprocess (slow)
+            pip_requirements=["torch", "pytorch-lightning", "pillow", "numpy", "nltk", "pydantic"])
+    name = f"capline-{family}"
+    version = mlflow.register_model(info.model_uri, name)
+    client.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": str(version.version), "alias": alias, "uri": f"models:/{name}@{alias}"}

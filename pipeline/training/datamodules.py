@@ -10,7 +10,9 @@ the loop's copy; Lightning issue #20550): the data module is restored before `co
 passes the position to the loader it builds. The loader fixes its epoch and offset at the first batch, not at
 `iter()`, so whichever path arrives first, the next pass starts exactly at the saved batch; the offset is
 dropped when Lightning's `set_epoch` has meanwhile moved to a later epoch (`limit_train_batches` < 1).
-Limits: single device (a DistributedSampler is not wired in); batches are counted as handed to the loop,
+Under DDP, Lightning's DistributedSampler is not used (`use_distributed_sampler=False`): `shard(rank, world)`
+gives each rank every world-th training batch (the same number of steps on every rank), an equal block of
+rows of a batchified stream, and every world-th evaluation item. Batches are counted as handed to the loop,
 which is exact because Lightning does not prefetch from sized loaders.
 """
 
@@ -24,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from pipeline.data.vocab import Vocabulary
 from pipeline.training.datasets import (
@@ -105,6 +107,18 @@ class _ResumableDataModule(pl.LightningDataModule):
         super().__init__()
         self._train_loader: ResumableLoader | None = None
         self._pending: dict[str, int] | None = None
+        self.part = (0, 1)  # (rank, world): this process's share of the data under DDP
+
+    def shard(self, rank: int, world: int) -> None:
+        """Read only this DDP rank's share of every split (call before fit, on every rank)."""
+        if not 0 <= rank < world:
+            raise ValueError(f"shard: need 0 <= rank < world, got rank {rank}, world {world}")
+        self.part = (rank, world)
+
+    def _eval_share(self, data: Dataset) -> Dataset:
+        """Every world-th item from the rank-th (all items on a single process)."""
+        rank, world = self.part
+        return data if world == 1 else Subset(data, range(rank, len(data), world))
 
     def _track(self, loader: ResumableLoader) -> ResumableLoader:
         if self._pending is not None:
@@ -194,12 +208,13 @@ class CaptionDataModule(_ResumableDataModule):
     def train_dataloader(self) -> ResumableLoader:
         pairs = self.train_dataset()
         order = EpochOrder(len(pairs), self.seed, shuffle=True)
-        batches = EpochBatchSampler(order, self.batch_size, pairs.lengths() if self.bucket else None)
+        batches = EpochBatchSampler(order, self.batch_size, pairs.lengths() if self.bucket else None, self.part)
         return self._track(ResumableLoader(pairs, batches, collate_captions, self.num_workers,
                                            self.pin_memory, self.seed))
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(SplitImages(self._split(split)[0]), batch_size=self.batch_size, shuffle=False,
+        images = self._eval_share(SplitImages(self._split(split)[0]))
+        return DataLoader(images, batch_size=self.batch_size, shuffle=False,
                           collate_fn=collate_images, num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0, generator=_own_generator())
 
@@ -253,16 +268,23 @@ class LanguageModelDataModule(_ResumableDataModule):
         return len(self.stream(split))
 
     def dataset(self, split: str) -> Dataset:
-        """StreamBatches (items are whole (B, T) batches) or TokenWindows (items are T+1 windows)."""
+        """StreamBatches (items are whole (B, T) batches) or TokenWindows (items are T+1 windows).
+
+        Under DDP a training stream has batch_size rows per rank (world * batch_size in all), an evaluation
+        stream its usual rows rounded down to a multiple of world; each rank reads its own block of rows.
+        """
         stream = self.stream(split)
         if self.mode == "windows":
             return TokenWindows(stream, self.seq_len)
-        rows = self.batch_size
+        world = self.part[1]
+        rows = self.batch_size * (world if split == "train" else 1)
         if split != "train" and len(stream) < 2 * rows:
             rows = max(1, len(stream) // 2)  # a short held-out stream is evaluated with fewer rows
             log.warning("%s: only %d tokens; evaluating with %d rows instead of %d",
                         stream.path, len(stream), rows, self.batch_size)
-        return StreamBatches(stream, rows, self.seq_len)
+        if rows % world:
+            rows = max(world, rows // world * world)
+        return StreamBatches(stream, rows, self.seq_len, self.part)
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
@@ -274,13 +296,16 @@ class LanguageModelDataModule(_ResumableDataModule):
             batches = EpochBatchSampler(EpochOrder(len(data), self.seed, shuffle=False), 1)
             collate = collate_single
         else:
-            batches = EpochBatchSampler(EpochOrder(len(data), self.seed, shuffle=True), self.batch_size)
+            batches = EpochBatchSampler(EpochOrder(len(data), self.seed, shuffle=True), self.batch_size,
+                                        part=self.part)
             collate = collate_windows
         loader = ResumableLoader(data, batches, collate, self.num_workers, self.pin_memory, self.seed)
         return self._track(loader)
 
     def _eval_loader(self, split: str) -> DataLoader:
         data = self.dataset(split)
+        if self.mode == "windows":
+            data = self._eval_share(data)  # a stream is already this rank's rows
         common = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
                   "persistent_workers": self.num_workers > 0, "shuffle": False, "generator": _own_generator()}
         if self.mode == "stream":

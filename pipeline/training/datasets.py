@@ -138,13 +138,19 @@ class StreamBatches(Dataset):
 
     The stream is cut into `rows` contiguous rows (the remainder dropped), so row b of batch k+1 continues
     row b of batch k. The last window is kept when it has at least one target (it is then shorter than T).
+    `part=(rank, world)` keeps rows rank*rows/world .. (rank+1)*rows/world: a DDP rank's share of every batch
+    (each row stays contiguous, so a carried hidden state still continues exactly).
     """
 
-    def __init__(self, stream: LazyArray, rows: int, seq_len: int):
+    def __init__(self, stream: LazyArray, rows: int, seq_len: int, part: tuple[int, int] = (0, 1)):
         self.stream, self.rows, self.seq_len = stream, rows, seq_len
         self.row_len = len(stream) // rows
         if self.row_len < 2:
             raise ValueError(f"{stream.path}: {len(stream)} tokens cannot fill {rows} rows of >= 2 tokens")
+        rank, world = part
+        if rows % world or not 0 <= rank < world:
+            raise ValueError(f"{stream.path}: cannot give rank {rank} of {world} an equal share of {rows} rows")
+        self.row_range = (rank * rows // world, (rank + 1) * rows // world)
 
     def __len__(self) -> int:
         return math.ceil((self.row_len - 1) / self.seq_len)
@@ -153,6 +159,7 @@ class StreamBatches(Dataset):
         if not 0 <= k < len(self):
             raise IndexError(k)
         grid = self.stream.array[: self.rows * self.row_len].reshape(self.rows, self.row_len)  # (B, L)
+        grid = grid[self.row_range[0]: self.row_range[1]]  # (B/world, L): this rank's rows
         start, stop = k * self.seq_len, min((k + 1) * self.seq_len, self.row_len - 1)
         block = torch.from_numpy(grid[:, start: stop + 1].astype(np.int64))  # (B, T+1)
         return {"inputs": block[:, :-1], "targets": block[:, 1:]}
@@ -219,19 +226,29 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     With `lengths`, the epoch's order is cut into pools of POOL_BATCHES batches, each pool is sorted by
     length and cut into batches, and the batch order is shuffled (also a pure function of seed and epoch).
+    `part=(rank, world)` keeps every world-th batch from the rank-th, after dropping the last few so that
+    every DDP rank runs the same number of steps (a rank with one step more would wait forever).
     """
 
-    def __init__(self, sampler: EpochOrder, batch_size: int, lengths: np.ndarray | None = None):
+    def __init__(self, sampler: EpochOrder, batch_size: int, lengths: np.ndarray | None = None,
+                 part: tuple[int, int] = (0, 1)):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.sampler, self.batch_size, self.lengths = sampler, batch_size, lengths
+        if not 0 <= part[0] < part[1]:
+            raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got {part}")
+        self.sampler, self.batch_size, self.lengths, self.part = sampler, batch_size, lengths, part
         self.start = 0  # set by ResumableLoader before each iteration
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
+        return math.ceil(len(self.sampler) / self.batch_size) // self.part[1]
 
     def batches(self) -> list[list[int]]:
-        """Every batch of the current epoch, in order."""
+        """Every batch of the current epoch (this rank's share), in order."""
+        rank, world = self.part
+        every = self._all_batches()
+        return every if world == 1 else every[: len(every) // world * world][rank::world]
+
+    def _all_batches(self) -> list[list[int]]:
         order = self.sampler.indices()
         if self.lengths is None:
             return [order[i: i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]

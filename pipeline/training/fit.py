@@ -116,11 +116,16 @@ def precision(p: Params) -> str:
 
 
 def build_trainer(p: Params, family: str, logger: Any = None, callbacks: list | None = None,
-                  **overrides: Any) -> pl.Trainer:
-    """A Trainer with checkpointing, early stopping, the non-finite guard and RNG-exact resume."""
+                  checkpoint_dir: str | Path | None = None, **overrides: Any) -> pl.Trainer:
+    """A Trainer with checkpointing, early stopping, the non-finite guard and RNG-exact resume.
+
+    Checkpoints go to `checkpoint_dir` (default: the family's folder under paths.models; a sweep trial
+    passes its own scratch folder).
+    """
     cfg = getattr(p.train, family)
     monitor, mode = MONITOR[family]
-    ckpt = ModelCheckpoint(dirpath=checkpoint_path(p, family).parent, filename="best", monitor=monitor,
+    ckpt = ModelCheckpoint(dirpath=checkpoint_dir or checkpoint_path(p, family).parent, filename="best",
+                           monitor=monitor,
                            mode=mode, save_last=True, enable_version_counter=False)
     cbs = [ckpt, NonFiniteLossGuard(f"lower train.{family}.lr or set train.{family}.clip_grad_norm"),
            RNGStateCallback(), EpochHistory(monitor), *(callbacks or [])]

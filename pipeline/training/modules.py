@@ -35,6 +35,18 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
                            label_smoothing=label_smoothing)
 
 
+def gather_dicts(part: dict) -> dict:
+    """The union of every DDP rank's dict (this process's dict when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dict(part)
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, part)
+    merged: dict = {}
+    for other in parts:
+        merged.update(other)
+    return merged
+
+
 class _Optimised(pl.LightningModule):
     """Shared optimiser/scheduler set-up from a family's train section."""
 
@@ -47,6 +59,22 @@ class _Optimised(pl.LightningModule):
         optimizer = build_optimizer(self.param_groups(), self.train_cfg, self.device.type)
         steps = max(1, int(self.trainer.estimated_stepping_batches) // max(1, self.trainer.max_epochs))
         return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.train_cfg, steps)}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip here under bf16: Lightning refuses to clip for a fused (CUDA) Adam under any AMP precision."""
+        # bf16-mixed has no loss scaler, so the gradients are already true gradients and plain clipping is
+        # exact; under 16-mixed the GradScaler's rules apply, so that stays with Lightning
+        if self.trainer.precision != "bf16-mixed":
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if not gradient_clip_val:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
 
 class CaptioningModule(_Optimised):
@@ -121,7 +149,7 @@ class CaptioningModule(_Optimised):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         memory = self.model.encode(batch["images"])
         captions = self._reference_batch(batch["image_index"]).to(self.device)
-        self.log("val/loss", self._loss(memory, captions), prog_bar=True, batch_size=len(captions))
+        self.log("val/loss", self._loss(memory, captions), prog_bar=True, batch_size=len(captions), sync_dist=True)
         result = greedy(self.model, memory, len(captions), self.model_cfg.max_len)
         for idx, tokens in zip(batch["image_index"].tolist(), result.tokens, strict=True):
             self._val_hyps[idx] = " ".join(self.vocab_tokens[t] for t in tokens)
@@ -138,12 +166,16 @@ class CaptioningModule(_Optimised):
         return out
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_hyps or self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
+            return
+        hyps = gather_dicts(self._val_hyps)  # under DDP each rank decoded only its share of the images
+        if not hyps:
             return
         refs = self.trainer.datamodule.references("val")
-        scores = caption_scores({i: refs[i] for i in self._val_hyps}, self._val_hyps, meteor=False)
-        self.log("val/bleu_4", scores["bleu_4"])
-        self.log("val/cider", scores["cider"], prog_bar=True)
+        scores = caption_scores({i: refs[i] for i in hyps}, hyps, meteor=False)
+        # every rank scored the same hypotheses: the values agree, sync_dist only keeps Lightning's check quiet
+        self.log("val/bleu_4", scores["bleu_4"], sync_dist=True)
+        self.log("val/cider", scores["cider"], prog_bar=True, sync_dist=True)
 
 
 class LanguageModelModule(_Optimised):
@@ -168,7 +200,8 @@ class LanguageModelModule(_Optimised):
             self._state[stage] = detach_state(state)  # truncated BPTT: no gradient across batches
         smoothing = self.train_cfg.label_smoothing if stage == "train" else 0.0
         loss = sequence_loss(logits, batch["targets"], smoothing)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch["targets"].numel())
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch["targets"].numel(),
+                 sync_dist=stage == "val")  # the epoch's validation loss is averaged over DDP ranks
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
