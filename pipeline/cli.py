@@ -97,6 +97,53 @@ def sweep(family: Annotated[Family, typer.Argument(help="Model family to tune.")
 
 
 @app.command()
+def runs(family: Annotated[Family | None, typer.Argument(help="Only this family's latest sweep.")] = None,
+         params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None) -> None:
+    """Table of the latest sweep's trials, from MLflow (open `mlflow ui` for the full picture)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline import tracking
+    from pipeline.training.fit import MONITOR
+
+    p = _load(params, set_)
+    parent = tracking.latest_sweep(p.tracking.uri, p.tracking.experiment, family.value if family else None)
+    if parent is None:
+        typer.secho(f"no sweep in {p.tracking.uri} (experiment {p.tracking.experiment})", fg="yellow", err=True)
+        raise typer.Exit(1)
+    fam = parent["tags"]["family"]
+    monitor = MONITOR[fam][0]
+    space = list(getattr(p.sweep, fam).space)
+    table = Table(title=f"sweep {fam}: MLflow run {parent['run_id']} ({parent['status']})")
+    for column in ("trial", "run id", "status", monitor, *space):
+        table.add_column(column)
+    trials = tracking.child_runs(p.tracking.uri, p.tracking.experiment, parent["run_id"])
+    for run in sorted(trials, key=lambda r: r["tags"].get("ray.trial_id", "")):
+        value = run["metrics"].get(monitor, run["metrics"].get(monitor.replace("/", "_")))
+        status = "diverged" if run["tags"].get("diverged") == "true" else run["status"]
+        table.add_row(run["tags"].get("ray.trial_id", "?"), run["run_id"], status,
+                      "" if value is None else f"{value:.4f}", *(run["params"].get(k, "") for k in space))
+    Console().print(table)
+
+
+@app.command()
+def reproduce(run_id: Annotated[str, typer.Argument(help="MLflow run id of a sweep trial.")],
+              tolerance: Annotated[float, typer.Option(help="Largest relative difference accepted.")] = 1e-3,
+              params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None) -> None:
+    """Rerun one trial outside Ray from its recorded config and seed; exit 1 if its metric differs."""
+    from pipeline.reproduce import reproduce_trial
+
+    report = reproduce_trial(_load(params, set_), run_id, tolerance)
+    typer.echo(yaml.safe_dump(report, sort_keys=False))
+    if report["data_changed"]:
+        typer.secho(f"data changed since the trial: {', '.join(report['data_changed'])}", fg="yellow", err=True)
+    if not report["within_tolerance"]:
+        typer.secho(f"{report['monitor']} {report['reproduced']:.6g} differs from the recorded "
+                    f"{report['recorded']:.6g} by more than {tolerance:g} (relative)", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def evaluate(family: Annotated[Family, typer.Argument(help="Model family to score.")],
              checkpoint: CheckpointOpt = None, params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None) -> None:
     """Score a trained model on the test split; write metrics/evaluate_<family>.json."""

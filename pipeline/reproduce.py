@@ -64,7 +64,7 @@ def reproduce_trial(p: Params, run_id: str, tolerance: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="capline-reproduce-") as scratch:
         rerun = validate_params({**trial_params.to_dict(),
                                  "paths": {**trial_params.paths.model_dump(), "models": scratch}})
-        result = train(rerun, family, logger=False)
+        result = train(rerun, family, logger=False, enable_progress_bar=False)
     difference = abs(result.best_score - recorded) / max(abs(recorded), 1e-12)
     return {"run_id": run_id, "family": family, "monitor": monitor, "recorded": recorded,
             "reproduced": result.best_score, "relative_difference": difference, "tolerance": tolerance,

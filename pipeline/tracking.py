@@ -414,7 +414,7 @@ class CaplineModel(mlflow.pyfunc.PythonModel):
 
         self.module = load_module(self.family, context.artifacts["checkpoint"])
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
+    def predict(self, context, model_input, params=None):  # no hints: MLflow would try to enforce them
         from pipeline import inference
 
         if self.family == "captioner":

@@ -125,8 +125,7 @@ def build_trainer(p: Params, family: str, logger: Any = None, callbacks: list | 
     cfg = getattr(p.train, family)
     monitor, mode = MONITOR[family]
     ckpt = ModelCheckpoint(dirpath=checkpoint_dir or checkpoint_path(p, family).parent, filename="best",
-                           monitor=monitor,
-                           mode=mode, save_last=True, enable_version_counter=False)
+                           monitor=monitor, mode=mode, save_last=True, enable_version_counter=False)
     cbs = [ckpt, NonFiniteLossGuard(f"lower train.{family}.lr or set train.{family}.clip_grad_norm"),
            RNGStateCallback(), EpochHistory(monitor), *(callbacks or [])]
     if cfg.early_stopping_patience:
