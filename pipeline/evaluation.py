@@ -24,7 +24,6 @@ def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: s
                        alpha: float, meteor: bool) -> dict:
     """Beam-search captions for every image of `split`; coco-caption metrics, NLTK BLEU-4, error split."""
     model, vocab = module.model, module.vocab_tokens
-    index = {t: i for i, t in enumerate(vocab)}
     refs = dm.references(split)
     hyps: dict[int, str] = {}
     search_errors = items = 0
@@ -36,7 +35,7 @@ def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: s
         keys = batch["image_index"].tolist()
         for key, tokens in zip(keys, result.tokens, strict=True):
             hyps[key] = " ".join(vocab[t] for t in tokens)
-        ref_ids = [[[index.get(w, 3) for w in r.split()] for r in refs[k]] for k in keys]
+        ref_ids = [[module.vocab.encode(r.split()) for r in refs[k]] for k in keys]
         analysis = beam_error_analysis(model, memory, ref_ids, result.tokens, alpha)
         search_errors += analysis["search_errors"]
         items += analysis["items"]

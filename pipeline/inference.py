@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.data.images import ImageSkip, load_image
 from pipeline.data.tokenize import tokenize
-from pipeline.data.vocab import END_ID, UNK_ID
+from pipeline.data.vocab import END_ID
 from pipeline.decoding import beam_search, generate_text
 from pipeline.training.modules import CaptioningModule, LanguageModelModule
 
@@ -79,9 +79,8 @@ def attention_strip(image: np.ndarray, words: list[str], attention: torch.Tensor
 
 def prompt_ids(module: LanguageModelModule, prompt: str) -> list[int]:
     """Encode a prompt the way the model's training text was encoded (chars, or NLTK words)."""
-    index = {t: i for i, t in enumerate(module.vocab_tokens)}
     units = list(prompt) if module.model_cfg.level == "char" else tokenize(prompt, lowercase=True)
-    return [index.get(u, UNK_ID) for u in units] or [END_ID]
+    return module.vocab.encode(units) or [END_ID]
 
 
 def generate(module: LanguageModelModule, prompt: str, length: int, temperature: float,

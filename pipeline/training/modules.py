@@ -12,8 +12,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
-from pipeline.data.vocab import END_ID, PAD_ID, START_ID
+from pipeline.data.vocab import PAD_ID, Vocabulary
 from pipeline.decoding import greedy
 from pipeline.metrics import caption_scores
 from pipeline.models.captioners import build_captioner
@@ -87,6 +88,7 @@ class CaptioningModule(_Optimised):
         self.model_cfg = CaptionerParams.model_validate(model)
         self.train_cfg = CaptionerTrainParams.model_validate(train)
         self.vocab_tokens = vocab_tokens
+        self.vocab = Vocabulary(vocab_tokens)
         self.model = build_captioner(self.model_cfg, len(vocab_tokens), embeddings)
         self._val_hyps: dict[int, str] = {}
 
@@ -156,14 +158,11 @@ class CaptioningModule(_Optimised):
 
     def _reference_batch(self, image_index: torch.Tensor) -> torch.Tensor:
         """First reference caption of each image as a padded id batch (B, T) for the validation loss."""
-        refs = self.trainer.datamodule.references("val")
-        index = {t: i for i, t in enumerate(self.vocab_tokens)}
-        rows = [[START_ID, *(index.get(w, 3) for w in refs[i][0].split())][: self.model_cfg.max_len] + [END_ID]
-                for i in image_index.tolist()]
-        out = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long)
-        for r, row in enumerate(rows):
-            out[r, : len(row)] = torch.tensor(row)
-        return out
+        dm = self.trainer.datamodule
+        refs = dm.references("val")
+        # encoded exactly like a training caption: <start>, words cut to max_len, <end>
+        rows = [torch.tensor(dm.encode(refs[i][0].split())) for i in image_index.tolist()]
+        return pad_sequence(rows, batch_first=True, padding_value=PAD_ID)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -190,6 +189,7 @@ class LanguageModelModule(_Optimised):
         self.train_cfg = (LstmLmTrainParams if family == "lstm_lm" else OptimParams).model_validate(train)
         self.carry_state = family == "lstm_lm"
         self.vocab_tokens = vocab_tokens
+        self.vocab = Vocabulary(vocab_tokens)
         self.model = build_language_model(family, self.model_cfg, len(vocab_tokens), embeddings)
         self._state: dict[str, Any] = {"train": None, "val": None}
 
