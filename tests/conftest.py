@@ -88,6 +88,18 @@ def tiny_overrides(root: Path) -> dict[str, object]:
     }
 
 
+def overrides_under(prepared: Params, root: Path) -> dict[str, object]:
+    """TINY on already-prepared data, with models, metrics, sweeps and MLflow written under `root`."""
+    return {**TINY, **{f"paths.{k}": v for k, v in prepared.paths.model_dump().items()},
+            **{f"paths.{k}": str(root / k) for k in ("models", "metrics", "sweeps")},
+            "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+def params_under(prepared: Params, root: Path, **overrides: object) -> Params:
+    """overrides_under as Params, plus test-specific overrides."""
+    return load_params(ROOT / "params.yaml", {**overrides_under(prepared, root), **overrides})
+
+
 @pytest.fixture
 def tiny_params(tmp_path: Path) -> Params:
     """The real params.yaml, shrunk, writing under tmp_path."""

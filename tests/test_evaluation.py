@@ -16,7 +16,7 @@ from pipeline.evaluation import evaluate
 from pipeline.inference import attention_strip, caption_images, generate, prompt_ids
 from pipeline.params import load_params
 from pipeline.training.fit import checkpoint_path, load_module, train
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, overrides_under
 
 runner = CliRunner()
 
@@ -25,9 +25,7 @@ runner = CliRunner()
 def trained(prepared_params, tmp_path_factory) -> dict:
     """Each family trained for one tiny epoch; returns the params (as --set overrides) and checkpoints."""
     root = tmp_path_factory.mktemp("trained")
-    overrides = {**TINY, **{f"paths.{k}": v for k, v in prepared_params.paths.model_dump().items()},
-                 "paths.models": str(root / "models"), "paths.metrics": str(root / "metrics"),
-                 "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"}
+    overrides = overrides_under(prepared_params, root)
     p = load_params(ROOT / "params.yaml", overrides)
     for family in ("captioner", "lstm_lm", "transformer_lm"):
         train(p, family, logger=False)
@@ -105,10 +103,7 @@ def test_cli_evaluate_caption_generate(trained, prepared_params, tmp_path):
 
 
 def test_cli_train_prints_the_checkpoint(prepared_params, tmp_path):
-    sets = [f"{k}={json.dumps(v)}" for k, v in {
-        **TINY, **{f"paths.{k}": v for k, v in prepared_params.paths.model_dump().items()},
-        "paths.models": str(tmp_path / "models"), "paths.metrics": str(tmp_path / "metrics"),
-        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}.items()]
+    sets = [f"{k}={json.dumps(v)}" for k, v in overrides_under(prepared_params, tmp_path).items()]
     result = runner.invoke(app, ["train", "transformer_lm", *[a for s in sets for a in ("--set", s)]])
     assert result.exit_code == 0, result.output
     assert f"checkpoint: {tmp_path / 'models' / 'transformer_lm' / 'best.ckpt'}" in result.output

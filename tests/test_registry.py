@@ -8,17 +8,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from pipeline.params import load_params
 from stages import train as train_stage
-from tests.conftest import ROOT, TINY
+from tests.conftest import params_under
 
 
 def test_registered_champion_loads_and_predicts(prepared_params, tmp_path):
-    paths = {f"paths.{k}": v for k, v in prepared_params.paths.model_dump().items()}
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    p = load_params(ROOT / "params.yaml", {
-        **TINY, **paths, **{f"paths.{k}": str(tmp_path / k) for k in ("models", "metrics", "sweeps")},
-        "tracking.uri": uri})
+    p = params_under(prepared_params, tmp_path)
+    uri = p.tracking.uri
     best = Path(p.paths.sweeps) / "lstm_lm" / "best.json"
     best.parent.mkdir(parents=True)
     best.write_text(json.dumps({"overrides": {"train.lstm_lm.lr": 0.004}}))

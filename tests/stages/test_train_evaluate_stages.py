@@ -8,17 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.params import ParamsError, load_params
+from pipeline.params import ParamsError
 from stages import evaluate as evaluate_stage
 from stages import train as train_stage
-from tests.conftest import ROOT, TINY
+from tests.conftest import params_under
 
 
-def params_in(prepared_params, tmp_path: Path, **overrides):
-    paths = {f"paths.{k}": v for k, v in prepared_params.paths.model_dump().items()}
-    return load_params(ROOT / "params.yaml", {
-        **TINY, **paths, **{f"paths.{k}": str(tmp_path / k) for k in ("models", "metrics", "sweeps")},
-        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "train.lstm_lm.max_epochs": 2, **overrides})
+def params_in(prepared_params, tmp_path: Path):
+    return params_under(prepared_params, tmp_path, **{"train.lstm_lm.max_epochs": 2})
 
 
 def write_best(p, family: str, overrides) -> Path:

@@ -9,18 +9,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from pipeline.params import load_params
 from pipeline.training.callbacks import NonFiniteLossError
 from pipeline.training.fit import FAMILIES, load_module, train
-from tests.conftest import ROOT, TINY
-
-
-def params_in(prepared_params, tmp_path: Path, **overrides):
-    """The session's prepared data with models, metrics and MLflow under tmp_path."""
-    paths = {f"paths.{k}": v for k, v in prepared_params.paths.model_dump().items()}
-    return load_params(ROOT / "params.yaml", {
-        **TINY, **paths, "paths.models": str(tmp_path / "models"), "paths.metrics": str(tmp_path / "metrics"),
-        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **overrides})
+from tests.conftest import params_under
 
 
 class LossRecorder(pl.Callback):
@@ -50,7 +41,7 @@ class Crash(pl.Callback):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_writes_a_checkpoint_that_loads_weights_only(family, prepared_params, tmp_path):
-    p = params_in(prepared_params, tmp_path)
+    p = params_under(prepared_params, tmp_path)
     result = train(p, family, logger=False)
     assert Path(result.best_checkpoint).is_file() and Path(result.last_checkpoint).is_file()
     assert result.steps > 0 and result.epochs == 1
@@ -70,11 +61,11 @@ def test_train_writes_a_checkpoint_that_loads_weights_only(family, prepared_para
 def test_resume_mid_epoch_continues_exactly(family, overrides, prepared_params, tmp_path):
     epochs = {f"train.{family}.max_epochs": 2}
     full = LossRecorder()
-    train(params_in(prepared_params, tmp_path / "a", **overrides, **epochs), family, logger=False,
+    train(params_under(prepared_params, tmp_path / "a", **overrides, **epochs), family, logger=False,
           callbacks=[full])
     steps = len(full.losses)
     crash_at, saved_at = steps * 3 // 4, steps // 2  # second epoch, after a mid-epoch checkpoint
-    p = params_in(prepared_params, tmp_path / "b", **overrides, **epochs)
+    p = params_under(prepared_params, tmp_path / "b", **overrides, **epochs)
     every = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=saved_at, save_top_k=-1,
                             filename="{step}")
     with pytest.raises(SimulatedCrash):
@@ -95,7 +86,7 @@ class PoisonWeights(pl.Callback):
 
 
 def test_non_finite_loss_stops_with_a_clear_message(prepared_params, tmp_path):
-    p = params_in(prepared_params, tmp_path)
+    p = params_under(prepared_params, tmp_path)
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at epoch 0, step 3: lower "
                                                  r"train.lstm_lm.lr"):
         train(p, "lstm_lm", logger=False, callbacks=[PoisonWeights()])
@@ -103,13 +94,13 @@ def test_non_finite_loss_stops_with_a_clear_message(prepared_params, tmp_path):
 
 def test_unknown_family_is_rejected(prepared_params, tmp_path):
     with pytest.raises(ValueError, match="unknown model family 'gpt'"):
-        train(params_in(prepared_params, tmp_path), "gpt", logger=False)
+        train(params_under(prepared_params, tmp_path), "gpt", logger=False)
 
 
 @pytest.mark.slow
 def test_compiled_model_trains_like_eager_and_checkpoints_load_uncompiled(prepared_params, tmp_path):
-    eager = train(params_in(prepared_params, tmp_path / "eager"), "transformer_lm", logger=False)
-    compiled = train(params_in(prepared_params, tmp_path / "compiled", **{"train.compile": True}),
+    eager = train(params_under(prepared_params, tmp_path / "eager"), "transformer_lm", logger=False)
+    compiled = train(params_under(prepared_params, tmp_path / "compiled", **{"train.compile": True}),
                      "transformer_lm", logger=False)
     assert compiled.best_score == pytest.approx(eager.best_score, rel=1e-3)
     module = load_module("transformer_lm", compiled.best_checkpoint)  # same state_dict keys as eager
