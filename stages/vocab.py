@@ -6,10 +6,10 @@ DVC stage `vocab`: {paths.coco}/*/captions.jsonl, {paths.text}/*
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
+from pipeline.data.coco import read_captions
 from pipeline.data.text import SPLITS
 from pipeline.data.vocab import Vocabulary, coverage
 from pipeline.io import atomic_dir, save_npy, write_json
@@ -18,15 +18,7 @@ from pipeline.params import Params, load_params
 
 def caption_lines(coco_dir: Path, split: str) -> list[list[str]]:
     """All tokenised captions of one prepared COCO split, in file order."""
-    path = coco_dir / split / "captions.jsonl"
-    lines = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            record = json.loads(line)
-            if not isinstance(record.get("captions"), list):
-                raise ValueError(f"{path}:{n}: field 'captions' must be a list of token lists")
-            lines.extend(record["captions"])
-    return lines
+    return [caption for record in read_captions(coco_dir / split / "captions.jsonl") for caption in record["captions"]]
 
 
 def text_word_lines(text_dir: Path, split: str) -> list[list[str]]:
@@ -44,10 +36,10 @@ def run(p: Params) -> dict:
     word_vocab = Vocabulary.build(word_counts, p.vocab.min_freq, p.vocab.max_size, "word")
     char_vocab = Vocabulary.build(Counter(chars["train"]), p.vocab.char_min_freq, 100_000, "char")
 
-    with atomic_dir(p.paths.vocab) as out:
-        word_vocab.save(out / "words.json")
-        char_vocab.save(out / "chars.json")
-    with atomic_dir(p.paths.encoded) as out:
+    # one block: neither folder is renamed into place unless both were written whole (the ids match the words)
+    with atomic_dir(p.paths.vocab) as vocab_out, atomic_dir(p.paths.encoded) as out:
+        word_vocab.save(vocab_out / "words.json")
+        char_vocab.save(vocab_out / "chars.json")
         for split in SPLITS:
             for src in ("captions", "text"):
                 save_npy(out / f"{src}_{split}_word.npy", word_vocab.encode_stream(words[src][split]))

@@ -109,6 +109,15 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _not_utf8(text: str) -> str | None:
+    """Why `text` cannot be written as UTF-8 (a lone surrogate, e.g. from a JSON \\ud800 escape), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"unpaired surrogate {text[err.start]!r} at position {err.start}"
+    return None
+
+
 def _image_problem(entry: object) -> str | None:
     """Why an `images` entry is unusable, or None."""
     if not isinstance(entry, dict):
@@ -121,6 +130,9 @@ def _image_problem(entry: object) -> str | None:
     name = entry["file_name"]
     if not isinstance(name, str) or not name.strip():
         return f"field 'file_name': expected a non-empty string, got {name!r}"
+    bad = "embedded NUL" if "\x00" in name else _not_utf8(name)
+    if bad:
+        return f"field 'file_name': not a usable file name ({bad}), got {name!r}"
     if os.path.isabs(name) or ".." in Path(name).parts:
         return f"field 'file_name': expected a path inside the images folder, got {name!r}"
     return None
@@ -138,6 +150,9 @@ def _caption_problem(ann: object, known: dict[int, Any]) -> tuple[str, str] | No
         return "bad_caption_record", "missing field 'caption'"
     if not isinstance(ann["caption"], str):
         return "non_string_caption", f"field 'caption': expected a string, got {ann['caption']!r}"
+    bad = _not_utf8(ann["caption"])
+    if bad:
+        return "bad_caption_record", f"field 'caption': not valid Unicode text ({bad})"
     return None
 
 
@@ -266,6 +281,29 @@ def _write_captions(path: Path, records: list[ImageRecord]) -> int:
                     "captions": [list(t) for t in r.tokens], "raw": list(r.raw)}
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
     return sum(len(r.tokens) for r in records)
+
+
+def read_captions(path: Path, rows: int | None = None) -> list[dict[str, Any]]:
+    """captions.jsonl records, checked: one per image row (`rows` of them when given), in row order."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
+            if not isinstance(rec, dict) or rec.get("image_index") != n - 1:
+                raise ValueError(f"{path}:{n}: field 'image_index' must be {n - 1} (records in row order)")
+            caps = rec.get("captions")
+            if not isinstance(caps, list) or not all(
+                    isinstance(c, list) and all(isinstance(t, str) for t in c) for c in caps):
+                raise ValueError(f"{path}:{n}: field 'captions' must be a list of token lists")
+            if not isinstance(rec.get("image_id"), int):
+                raise ValueError(f"{path}:{n}: field 'image_id' must be an integer")
+            records.append(rec)
+    if rows is not None and len(records) != rows:
+        raise ValueError(f"{path}: {len(records)} records but images.npy has {rows} rows")
+    return records
 
 
 def prepare_coco(out_dir: str | Path, annotations: str | Path, images: str | Path, *,

@@ -28,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from pipeline.data.coco import read_captions
 from pipeline.data.vocab import Vocabulary
 from pipeline.training.datasets import (
     CaptionPairs,
@@ -41,7 +42,6 @@ from pipeline.training.datasets import (
     collate_images,
     collate_single,
     collate_windows,
-    read_captions,
 )
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ never copies an array.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -56,29 +55,6 @@ class LazyArray:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _array=None, _pid=None)
-
-
-def read_captions(path: Path, rows: int) -> list[dict[str, Any]]:
-    """captions.jsonl records, checked: one per image row, in row order, captions as token lists."""
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
-            if not isinstance(rec, dict) or rec.get("image_index") != n - 1:
-                raise ValueError(f"{path}:{n}: field 'image_index' must be {n - 1} (records in row order)")
-            caps = rec.get("captions")
-            if not isinstance(caps, list) or not all(
-                    isinstance(c, list) and all(isinstance(t, str) for t in c) for c in caps):
-                raise ValueError(f"{path}:{n}: field 'captions' must be a list of token lists")
-            if not isinstance(rec.get("image_id"), int):
-                raise ValueError(f"{path}:{n}: field 'image_id' must be an integer")
-            records.append(rec)
-    if len(records) != rows:
-        raise ValueError(f"{path}: {len(records)} records but images.npy has {rows} rows")
-    return records
 
 
 def _image(images: LazyArray, row: int) -> torch.Tensor:
