@@ -74,7 +74,8 @@ CheckpointOpt = Annotated[Path | None, typer.Option(
 @app.command()
 def train(family: Annotated[Family, typer.Argument(help="Model family to train.")],
           params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None,
-          resume: Annotated[bool, typer.Option(help="Continue from the family's last.ckpt if present.")] = False,
+          resume: Annotated[bool, typer.Option(
+              help="Continue from the family's last.ckpt (if damaged: best.ckpt, with a warning).")] = False,
           ) -> None:
     """Train a model family with PyTorch Lightning on this machine (CPU or GPU); print the checkpoint."""
     from stages.train import run
@@ -200,6 +201,58 @@ def generate(
     p = _load(params, set_)
     module = load_module(family.value, checkpoint or checkpoint_path(p, family.value))
     typer.echo(sample_text(module, prompt, length or p.evaluate.sample_length, temperature, top_k, seed))
+
+
+@app.command()
+def report(
+    screenshot: Annotated[Path | None, typer.Option(
+        help="Also save a PNG of the page rendered by headless Chromium (e.g. docs/report.png).")] = None,
+    width: Annotated[int, typer.Option(min=320, help="Screenshot width in pixels.")] = 1280,
+    height: Annotated[int, typer.Option(min=200, help="Screenshot height in pixels (the top of the page).")] = 2000,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar while the sections are built.")] = True,
+    params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None,
+) -> None:
+    """Write reports/index.html from what the pipeline produced (and log its figures to MLflow)."""
+    from pipeline.report.browser import screenshot as take_screenshot
+    from stages.report import report_path, run
+
+    p = _load(params, set_)
+    run(p, progress=progress)
+    if screenshot is not None:
+        try:
+            take_screenshot(report_path(p), screenshot, width, height)
+        except RuntimeError as err:
+            typer.secho(str(err), fg="red", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"screenshot: {screenshot}")
+
+
+@app.command()
+def serve(
+    family: Annotated[Family, typer.Argument(help="Registered model to serve (capline-<family>).")] = Family.captioner,
+    alias: Annotated[str, typer.Option(help="Registry alias of the version to serve.")] = "champion",
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5001,
+    workers: Annotated[int, typer.Option(min=1, help="Server worker processes (each loads the model).")] = 1,
+    params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None,
+) -> None:
+    """Serve a registered model over REST with `mlflow models serve` (POST /invocations).
+
+    Captioner: {"dataframe_records": [{"image": "<base64 of an image file>"}]} -> {"predictions": ["a caption"]}.
+    Language models: {"dataframe_records": [{"prompt": "The "}]} -> {"predictions": ["The ..."]}.
+    """
+    import os
+    import sys
+
+    from pipeline.tracking import serve_command
+
+    p = _load(params, set_)
+    argv, env = serve_command(p.tracking.uri, family.value, alias, host, port, workers)
+    typer.echo(f"serving models:/capline-{family.value}@{alias} from {p.tracking.uri} on http://{host}:{port}",
+               err=True)
+    # mlflow starts `uvicorn` by name: this environment's bin first, even when it is not activated
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.execve(argv[0], argv, {**os.environ, **env, "PATH": path})  # the server replaces this process
 
 
 @params_app.command("show")

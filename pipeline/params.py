@@ -54,6 +54,7 @@ class PathsParams(Section):
     sweeps: str
     ray_storage: str
     metrics: str
+    reports: str
 
 
 class CocoSourceParams(Section):
@@ -223,6 +224,7 @@ class OptimParams(Section):
     decay_rate: float = Field(ge=0.0)
     gamma: float = Field(gt=0.0, le=1.0)
     max_epochs: int = Field(ge=1)
+    epoch_fraction: float = Field(gt=0.0, le=1.0)
     batch_size: int = Field(ge=1)
     clip_grad_norm: float = Field(ge=0.0)
     early_stopping_patience: int = Field(ge=0)
@@ -250,6 +252,7 @@ class TrainParams(Section):
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
     compile: bool
     num_workers: int = Field(ge=0, le=256)
+    bucket_by_length: bool
     log_every_n_steps: int = Field(ge=1)
     captioner: CaptionerTrainParams
     lstm_lm: LstmLmTrainParams
@@ -270,7 +273,23 @@ class TrackingParams(Section):
     experiment: str = Field(min_length=1)
 
 
+
+class ReportParams(Section):
+    test_images: int = Field(ge=0, le=1000)
+    attention_images: int = Field(ge=0, le=1000)
+    prompt: str
+    projection_words: int = Field(ge=0, le=100_000)
+    log_to_mlflow: bool
+
+    @model_validator(mode="after")
+    def _attention_subset(self) -> ReportParams:
+        if self.attention_images > self.test_images:
+            raise ValueError(f"attention_images ({self.attention_images}) must be <= test_images "
+                             f"({self.test_images}): strips are drawn for captioned images only")
+        return self
+
 DOMAINS = ("loguniform", "one_minus_loguniform", "uniform", "randint", "choice")
+LOG_DOMAINS = ("loguniform", "one_minus_loguniform")  # sampled, and plotted, on log axes
 
 
 def check_domain(key: str, spec: Any) -> None:
@@ -300,6 +319,7 @@ class SweepFamilyParams(Section):
     num_samples: int = Field(ge=1)
     max_concurrent: int = Field(ge=0)
     max_epochs: int = Field(ge=1)
+    epoch_fraction: float = Field(gt=0.0, le=1.0)
     grace_period: int = Field(ge=1)
     reduction_factor: int = Field(ge=2)
     num_workers: int = Field(ge=1, le=1024)
@@ -351,6 +371,7 @@ class Params(Section):
     evaluate: EvaluateParams
     tracking: TrackingParams
     sweep: SweepParams
+    report: ReportParams
 
     @model_validator(mode="after")
     def _space_keys_exist(self) -> Params:

@@ -13,8 +13,12 @@ import numbers
 import os
 import re
 import socket
+import ssl
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +40,11 @@ MAX_TAG_VALUE = 8000
 MAX_KEY = 250
 HOST_TAG, PID_TAG = "capline.host", "capline.pid"  # who owns a RUNNING run (see mark_stale_runs)
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# A tracking server must answer its /health page within this many seconds, once per process: MLflow's own
+# client retries an unreachable server for about 4 minutes per request (MLFLOW_HTTP_REQUEST_MAX_RETRIES),
+# which is right for a blip mid-run but not for a server that is not there when a run starts.
+PROBE_TIMEOUT = 10.0
+_answered: set[str] = set()  # servers that answered in this process
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -61,6 +70,7 @@ def configure(uri: str, experiment: str) -> str:
     db = _sqlite_file(uri)
     if db is not None:
         db.resolve().parent.mkdir(parents=True, exist_ok=True)
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
@@ -75,6 +85,29 @@ def configure(uri: str, experiment: str) -> str:
         log.warning("MLflow experiment %r was deleted; restoring it", experiment)
         client.restore_experiment(found.experiment_id)
     return found.experiment_id
+
+
+def check_server(uri: str) -> None:
+    """Fail fast, naming tracking.uri, when an http(s) tracking server does not answer GET /health."""
+    parts = urlparse(uri)
+    if parts.scheme not in ("http", "https") or uri in _answered:
+        return
+    shown = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()  # never a password in a message
+    hint = "start the server, fix tracking.uri, or track locally with tracking.uri: sqlite:///mlflow.db"
+    try:
+        with urllib.request.urlopen(f"{shown.rstrip('/')}/health", timeout=PROBE_TIMEOUT) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except urllib.error.URLError as err:
+        if not isinstance(err.reason, ssl.SSLError):  # TLS trouble: it answered; MLflow has its own TLS settings
+            raise ConnectionError(f"tracking.uri {shown}: MLflow server unreachable ({err.reason}); {hint}") from None
+        status = 200
+    except (OSError, ValueError) as err:  # a timeout while reading, a reset connection, a malformed address
+        raise ConnectionError(f"tracking.uri {shown}: MLflow server unreachable ({err}); {hint}") from None
+    if status >= 500:  # e.g. a proxy in front of a server that is down
+        raise ConnectionError(f"tracking.uri {shown}: MLflow server answers HTTP {status} on /health; {hint}")
+    _answered.add(uri)
 
 
 def _run_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
@@ -396,6 +429,28 @@ def list_artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
     return [f.path for f in MlflowClient().list_artifacts(run_id, path)]
 
 
+def run_exists(uri: str, run_id: str) -> bool:
+    """Whether `run_id` is a run of the store at `uri`."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def load_artifact_dict(uri: str, run_id: str, artifact_file: str) -> dict[str, Any]:
+    """A JSON artifact of a run (e.g. "sweep/summary.json"); FileNotFoundError naming it when absent."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        data = mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
+    except (MlflowException, OSError) as err:
+        raise FileNotFoundError(f"MLflow run {run_id}: no artifact {artifact_file} ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"MLflow run {run_id}: {artifact_file} is not a JSON object")
+    return data
+
+
 # ---- model registry -------------------------------------------------------------------------------------
 class CaplineModel(mlflow.pyfunc.PythonModel):
     """A trained capline checkpoint as an MLflow pyfunc model.
@@ -437,3 +492,15 @@ def register_checkpoint(uri: str, run_id: str, family: str, checkpoint: str | Pa
     version = mlflow.register_model(info.model_uri, name)
     client.set_registered_model_alias(name, alias, version.version)
     return {"name": name, "version": str(version.version), "alias": alias, "uri": f"models:/{name}@{alias}"}
+
+
+def serve_command(uri: str, family: str, alias: str = "champion", host: str = "127.0.0.1", port: int = 5001,
+                  workers: int = 1) -> tuple[list[str], dict[str, str]]:
+    """argv and extra environment of `mlflow models serve` for `capline-<family>@alias` from the store at uri.
+
+    `--env-manager local`: the model runs in this environment (capline and torch are already here).
+    """
+    model_uri = f"models:/capline-{family}@{alias}"
+    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "--host", host, "--port", str(port), "--workers", str(workers)]
+    return argv, {"MLFLOW_TRACKING_URI": uri}

@@ -57,6 +57,9 @@ TINY: dict[str, object] = {
     "evaluate.beam_size": 2,
     "evaluate.meteor": False,
     "evaluate.sample_length": 20,
+    "report.test_images": 3,
+    "report.attention_images": 2,
+    "report.projection_words": 30,
 }
 
 
@@ -77,7 +80,7 @@ def tiny_overrides(root: Path) -> dict[str, object]:
         "sample": "data/sample", "coco": "data/prepared/coco", "text": "data/prepared/text",
         "vocab": "data/vocab", "encoded": "data/encoded", "embeddings": "artifacts/embeddings",
         "models": "artifacts/models", "sweeps": "artifacts/sweeps", "ray_storage": "ray_results",
-        "metrics": "metrics"}.items()}
+        "metrics": "metrics", "reports": "reports"}.items()}
     return {
         **TINY,
         **{f"paths.{k}": v for k, v in paths.items()},
@@ -91,7 +94,7 @@ def tiny_overrides(root: Path) -> dict[str, object]:
 def overrides_under(prepared: Params, root: Path) -> dict[str, object]:
     """TINY on already-prepared data, with models, metrics, sweeps and MLflow written under `root`."""
     return {**TINY, **{f"paths.{k}": v for k, v in prepared.paths.model_dump().items()},
-            **{f"paths.{k}": str(root / k) for k in ("models", "metrics", "sweeps")},
+            **{f"paths.{k}": str(root / k) for k in ("models", "metrics", "sweeps", "reports")},
             "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"}
 
 

@@ -145,18 +145,19 @@ def sweep_params(prepared: Params, tmp_path: Path, **overrides) -> Params:
         **TINY, **paths, "paths.models": str(tmp_path / "models"), "paths.metrics": str(tmp_path / "metrics"),
         "paths.ray_storage": str(tmp_path / "ray"), "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         f"sweep.{FAMILY}.num_samples": 2, f"sweep.{FAMILY}.max_epochs": 2, f"sweep.{FAMILY}.grace_period": 1,
-        **overrides})
+        f"sweep.{FAMILY}.epoch_fraction": 1.0, **overrides})
 
 
 def trial_params(p: Params, config: dict) -> Params:
     """What a trial trains with: the sweep's params, its sampled config, the sweep's max_epochs, on CPU."""
     s = getattr(p.sweep, FAMILY)
     return validate_params(apply_overrides(p.to_dict(), {**config, f"train.{FAMILY}.max_epochs": s.max_epochs,
+                                                          f"train.{FAMILY}.epoch_fraction": s.epoch_fraction,
                                                           "train.accelerator": "cpu", "train.devices": 1}))
 
 
 def test_two_trial_sweep_is_tracked_as_nested_runs_and_rerun_reuses_it(local_ray, prepared_params, tmp_path):
-    p = sweep_params(prepared_params, tmp_path)
+    p = sweep_params(prepared_params, tmp_path, **{f"sweep.{FAMILY}.epoch_fraction": 0.5})  # half-epoch trials
     s = getattr(p.sweep, FAMILY)
     uri, exp = p.tracking.uri, p.tracking.experiment
     result = run_sweep(p, FAMILY)
@@ -189,6 +190,7 @@ def test_two_trial_sweep_is_tracked_as_nested_runs_and_rerun_reuses_it(local_ray
         assert tags["params_hash"] == tracking.params_hash(trial_params(p, trial.config).to_dict())
         assert tags["sweep.status"] == trial.status
         assert json.loads(child["params"][f"train.{FAMILY}.lr"]) == trial.config[f"train.{FAMILY}.lr"]
+        assert json.loads(child["params"][f"train.{FAMILY}.epoch_fraction"]) == 0.5
         history = tracking.metric_history(uri, trial.run_id, "val/loss")
         assert len(history) == trial.epochs and min(v for _, v in history) == pytest.approx(trial.metric)
         assert (trial.status == "completed") == (trial.epochs == s.max_epochs)
@@ -251,6 +253,22 @@ def test_a_diverging_trial_errors_is_recorded_and_never_best(local_ray, prepared
         assert child["tags"]["sweep.status"] == "errored"
     assert tracking.get_run(p.tracking.uri, result.parent_run_id)["tags"]["best_run_id"] == result.best.run_id
 
+
+
+def test_the_sweep_stage_stops_without_writing_best_json_when_every_trial_diverged(local_ray, prepared_params,
+                                                                                     tmp_path):
+    from stages import sweep
+
+    p = sweep_params(prepared_params, tmp_path, **{
+        f"sweep.{FAMILY}.space": {f"train.{FAMILY}.lr": {"choice": [10.0]}}, f"sweep.{FAMILY}.num_samples": 1,
+        f"sweep.{FAMILY}.max_failures": 0, f"train.{FAMILY}.optimizer": "adamw",
+        f"train.{FAMILY}.weight_decay": 1.0, f"train.{FAMILY}.warmup_steps": 0,
+        f"train.{FAMILY}.clip_grad_norm": 0.0, f"train.{FAMILY}.schedule": "constant",
+        "paths.sweeps": str(tmp_path / "sweeps")})
+    with pytest.raises(RuntimeError, match=r"sweep lstm_lm: no trial finished with a finite val/loss \(1 of 1 errored"):
+        sweep.run(p, FAMILY)
+    assert not sweep.best_path(p, FAMILY).exists()  # train@ cannot pick up a diverged configuration
+    assert not (Path(p.paths.metrics) / f"sweep_{FAMILY}.json").exists()
 
 def _result_rows(storage: Path) -> list[dict]:
     """Every result Tune's driver has processed, from the (one) trial's result.json."""
@@ -323,7 +341,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ra
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     storage = tmp_path / "ray" / FAMILY
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 600  # liveness only: generous for a loaded 2-core machine
         while not (finished := _terminated_trials(storage)):
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.time() < deadline, "no trial finished in time"

@@ -72,7 +72,7 @@ def build_datamodule(p: Params, family: str, vocab: Vocabulary) -> pl.LightningD
     cfg = getattr(p.train, family)
     if family == "captioner":
         return CaptionDataModule(p.paths.coco, vocab, cfg.batch_size, p.models.captioner.max_len,
-                                 p.train.num_workers, p.seed)
+                                 p.train.num_workers, p.seed, bucket=p.train.bucket_by_length)
     model = getattr(p.models, family)
     seq_len = cfg.bptt if family == "lstm_lm" else model.context
     mode = "stream" if family == "lstm_lm" else "windows"
@@ -102,9 +102,52 @@ def load_module(family: str, checkpoint: str | Path, device: str = "cpu") -> pl.
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: no checkpoint (train first: capline train {family})")
+    checkpoint_step(checkpoint)  # a truncated or foreign file: an error naming it, not torch's zip message
     cls = CaptioningModule if family == "captioner" else LanguageModelModule
     module = cls.load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
     return module.eval()
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The global step a Lightning checkpoint was saved at; ValueError naming the file when it is damaged."""
+    try:  # mmap: the check reads the archive's index, not every tensor
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated/corrupt/unsafe files raise RuntimeError, EOFError, UnpicklingError...
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or not isinstance(ckpt.get("global_step"), int):
+        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict or global_step)")
+    return ckpt["global_step"]
+
+
+def resume_from(p: Params, family: str, resume: bool | str | Path) -> str | None:
+    """The checkpoint to resume from: a given path (checked), or the newest readable of last/best.ckpt.
+
+    A damaged last.ckpt (e.g. cut short by a full disk or a kill during a copy) is skipped with a warning
+    naming it; best.ckpt, an earlier epoch, is then the previous good state. None: start afresh.
+    """
+    if resume is False:
+        return None
+    if resume is not True:
+        checkpoint_step(resume)
+        return str(resume)
+    good, bad = [], []
+    for path in (checkpoint_path(p, family, "last"), checkpoint_path(p, family, "best")):
+        if not path.is_file():
+            continue
+        try:
+            good.append((checkpoint_step(path), str(path)))
+        except ValueError as err:
+            log.warning("%s; falling back to the previous good checkpoint", err)
+            bad.append(str(err))
+    if not good and bad:
+        raise ValueError(f"cannot resume {family}: no readable checkpoint ({'; '.join(bad)}); "
+                         "train without --resume to start over")
+    if not good:
+        return None
+    step, path = max(good, key=lambda g: g[0])  # last.ckpt first: it wins a tie
+    if bad:
+        log.warning("resuming %s from %s (step %d)", family, path, step)
+    return path
 
 
 def precision(p: Params) -> str:
@@ -124,9 +167,12 @@ def build_trainer(p: Params, family: str, logger: Any = None, callbacks: list | 
     """
     cfg = getattr(p.train, family)
     monitor, mode = MONITOR[family]
-    ckpt = ModelCheckpoint(dirpath=checkpoint_dir or checkpoint_path(p, family).parent, filename="best",
-                           monitor=monitor, mode=mode, save_last=True, enable_version_counter=False)
-    cbs = [ckpt, NonFiniteLossGuard(f"lower train.{family}.lr or set train.{family}.clip_grad_norm"),
+    folder = checkpoint_dir or checkpoint_path(p, family).parent
+    best = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor, mode=mode, enable_version_counter=False)
+    # Lightning 2.6's save_last writes last.ckpt only in epochs that improved the monitor; resuming needs every
+    # epoch, so last.ckpt has its own callback (no monitor, top 1: the newest epoch overwrites it).
+    last = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, enable_version_counter=False)
+    cbs = [best, last, NonFiniteLossGuard(f"lower train.{family}.lr or set train.{family}.clip_grad_norm"),
            RNGStateCallback(), EpochHistory(monitor), *(callbacks or [])]
     if cfg.early_stopping_patience:
         cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience))
@@ -134,7 +180,8 @@ def build_trainer(p: Params, family: str, logger: Any = None, callbacks: list | 
         cbs.append(LearningRateMonitor(logging_interval="epoch"))
     kwargs: dict[str, Any] = {
         "accelerator": p.train.accelerator, "devices": p.train.devices, "precision": precision(p),
-        "max_epochs": cfg.max_epochs, "gradient_clip_val": cfg.clip_grad_norm or None,
+        "max_epochs": cfg.max_epochs, "limit_train_batches": cfg.epoch_fraction,
+        "gradient_clip_val": cfg.clip_grad_norm or None,
         "log_every_n_steps": p.train.log_every_n_steps, "callbacks": cbs, "logger": logger or False,
         "deterministic": False, "enable_model_summary": False, **overrides}
     return pl.Trainer(**kwargs)
@@ -144,11 +191,13 @@ def train(p: Params, family: str, *, resume: bool | str | Path = False, logger: 
           **trainer_overrides: Any) -> TrainResult:
     """Fit `family` from params.
 
-    `resume=True` continues from the family's last.ckpt when there is one; a path resumes from that
-    checkpoint. Either way optimiser, scheduler, RNG states and the data position are restored.
+    `resume=True` continues from the family's last.ckpt when there is one (best.ckpt if last.ckpt is
+    damaged; see resume_from); a path resumes from that checkpoint. Either way optimiser, scheduler, RNG
+    states and the data position are restored.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    ckpt_path = resume_from(p, family, resume)  # first: a damaged checkpoint stops the run before any work
     pl.seed_everything(p.seed, workers=True, verbose=False)
     vocab = vocabulary(p, family)
     dm = build_datamodule(p, family, vocab)
@@ -166,12 +215,9 @@ def train(p: Params, family: str, *, resume: bool | str | Path = False, logger: 
         module.model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
     trainer = build_trainer(p, family, logger=mlf, **trainer_overrides)
     last = checkpoint_path(p, family, "last")
-    ckpt_path = str(resume) if isinstance(resume, (str, Path)) else None
-    if resume is True and last.is_file():
-        ckpt_path = str(last)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     ckpt_cb = trainer.checkpoint_callback
-    best = ckpt_cb.best_model_path or str(last)
+    best = str(checkpoint_path(p, family, "best")) if ckpt_cb.best_model_path else str(last)  # as params give it
     run_id = mlf.run_id if mlf else None
     if run_id and Path(best).is_file():
         from pipeline import tracking

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from pipeline.tuning.space import LOG_DOMAINS
+from pipeline.params import LOG_DOMAINS
 
 STATUSES = ("completed", "early_stopped", "errored")
 

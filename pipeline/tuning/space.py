@@ -12,8 +12,6 @@ from ray.tune.search.variant_generator import generate_variants
 
 from pipeline.params import check_domain
 
-LOG_DOMAINS = ("loguniform", "one_minus_loguniform")  # plotted on log axes (1 - value for the second)
-
 
 class OneMinusLogUniform(Sampler):
     """beta = 1 - 10^r with r uniform in [log10 lo, log10 hi]: momentum-like values, dense near 1."""

@@ -209,6 +209,7 @@ def run_sweep(p: Params, family: str, *, address: str | None = None, resume: boo
     name = f"sweep-{sweep_key(p, family, lineage)}"
     path = f"{storage_root(p.paths.ray_storage, family)}/{name}"
     uri, experiment = absolute_uri(p.tracking.uri), p.tracking.experiment
+    tracking.check_server(uri)  # an unreachable tracking server stops the sweep before Ray starts
     started_ray = init_ray(address, dashboard=s.num_workers > 1)
     try:
         if started_ray and address is None:
@@ -221,7 +222,8 @@ def run_sweep(p: Params, family: str, *, address: str | None = None, resume: boo
         found = _find_parent(uri, experiment, name) if restore else None
         parent = found["run_id"] if found else _new_parent(p, family, name, path, lineage, uri)
         ctx = TrialContext(family, p.to_dict(), root, name, f"{path}.train", uri, experiment, parent, lineage,
-                           s.num_workers, s.use_gpu, s.cpus_per_worker, s.gpus_per_worker, s.max_epochs)
+                           s.num_workers, s.use_gpu, s.cpus_per_worker, s.gpus_per_worker, s.max_epochs,
+                           s.epoch_fraction)
         if found and found["status"] == "FINISHED" and _read_done(path) is not None:
             log.info("sweep %s: reusing the finished sweep %s", family, path)
             grid = tune.Tuner.restore(path, trainable=_trainable(ctx)).get_results()

@@ -66,10 +66,12 @@ class TrialContext:
     cpus_per_worker: float
     gpus_per_worker: float
     max_epochs: int
+    epoch_fraction: float
 
     def params(self, config: dict[str, Any]) -> Params:
         """The trial's params: base + sampled config, trained for at most the sweep's max_epochs."""
         overrides = {**config, f"train.{self.family}.max_epochs": self.max_epochs,
+                     f"train.{self.family}.epoch_fraction": self.epoch_fraction,
                      "train.accelerator": "gpu" if self.use_gpu else "cpu", "train.devices": 1}
         source = f"sweep.{self.family} trial"
         return validate_params(apply_overrides(self.base, overrides, source=source), source=source)

@@ -52,6 +52,24 @@ def test_train_writes_a_checkpoint_that_loads_weights_only(family, prepared_para
     assert {"optimizer_states", "lr_schedulers", "callbacks"} <= set(ckpt)
 
 
+
+class WorseEveryEpoch(pl.Callback):
+    """Overwrite the monitored validation loss with the epoch number: only epoch 0 is ever the best."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # runs before the checkpoint callbacks
+        trainer.callback_metrics["val/loss"] = torch.tensor(float(trainer.current_epoch))
+
+
+def test_last_checkpoint_is_the_newest_epoch_even_when_it_is_not_the_best(prepared_params, tmp_path):
+    p = params_under(prepared_params, tmp_path, **{"train.lstm_lm.max_epochs": 3,
+                                                   "train.lstm_lm.early_stopping_patience": 0})
+    result = train(p, "lstm_lm", logger=False, callbacks=[WorseEveryEpoch()])
+    last = torch.load(result.last_checkpoint, weights_only=True)
+    best = torch.load(result.best_checkpoint, weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, result.steps)  # resume continues after epoch 3
+    assert best["epoch"] == 0 and result.best_score == 0.0
+    assert [row["epoch"] for row in last["callbacks"]["EpochHistory"]["history"]] == [0.0, 1.0, 2.0]
+
 @pytest.mark.parametrize(("family", "overrides"), [
     ("captioner", {"models.captioner.arch": "show_attend_tell", "models.captioner.dropout": 0.3,
                    "train.captioner.scheduled_sampling": [0.2, 0.5]}),
@@ -105,3 +123,10 @@ def test_compiled_model_trains_like_eager_and_checkpoints_load_uncompiled(prepar
     assert compiled.best_score == pytest.approx(eager.best_score, rel=1e-3)
     module = load_module("transformer_lm", compiled.best_checkpoint)  # same state_dict keys as eager
     assert type(module.model).__name__ == "TransformerLanguageModel"
+
+
+def test_epoch_fraction_runs_that_share_of_the_batches(prepared_params, tmp_path):
+    full = train(params_under(prepared_params, tmp_path / "full"), "lstm_lm", logger=False)
+    half = train(params_under(prepared_params, tmp_path / "half", **{"train.lstm_lm.epoch_fraction": 0.5}),
+                 "lstm_lm", logger=False)
+    assert half.steps == int(full.steps * 0.5) and half.epochs == full.epochs == 1

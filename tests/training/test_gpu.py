@@ -38,10 +38,16 @@ class PrecisionProbe(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_precision_auto_trains_in_bf16_on_the_gpu(family, prepared_params, tmp_path: Path):
+# every model: each captioner architecture, both recurrent cells, the transformer LM
+MODELS = [("captioner", {"models.captioner.arch": arch}) for arch in ("show_tell", "show_attend_tell", "transformer")]
+MODELS += [("lstm_lm", {"models.lstm_lm.cell": cell}) for cell in ("lstm", "gru")] + [("transformer_lm", {})]
+assert {family for family, _ in MODELS} == set(FAMILIES)
+
+
+@pytest.mark.parametrize(("family", "model"), MODELS, ids=["-".join([f, *map(str, m.values())]) for f, m in MODELS])
+def test_precision_auto_trains_in_bf16_on_the_gpu(family, model, prepared_params, tmp_path: Path):
     paths = {f"paths.{k}": v for k, v in prepared_params.paths.model_dump().items()}
-    p = load_params(ROOT / "params.yaml", {**TINY, **paths, "paths.models": str(tmp_path / "models"),
+    p = load_params(ROOT / "params.yaml", {**TINY, **paths, **model, "paths.models": str(tmp_path / "models"),
                                            "train.accelerator": "gpu", "train.precision": "auto"})
     probe = PrecisionProbe()
     result = train(p, family, logger=False, callbacks=[probe])
