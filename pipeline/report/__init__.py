@@ -1,0 +1,6 @@
+"""The HTML report: figures, sections and a self-contained page (see stages/report.py).
+
+blocks.py   what sections hold          figures.py  matplotlib figures -> PNG (and MLflow)
+sources.py  reading the pipeline's outputs   sections.py  one builder per section
+build.py    inputs -> sections, step by step  html.py  the page      browser.py  headless Chromium
+"""

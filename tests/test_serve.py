@@ -1,0 +1,95 @@
+"""`capline serve`: the registered captioner behind `mlflow models serve`, captioning an image over REST."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.inference import caption_bytes
+from pipeline.training.fit import load_module
+from stages import train as train_stage
+from tests.conftest import ROOT, params_under
+
+STARTUP_SECONDS = 240  # model download from the registry, torch + Lightning imports in the worker (2 shared cores)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"capline serve exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "/ping", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"no answer on {url}/ping after {STARTUP_SECONDS} s:\n{log.read_text()[-4000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End the server's whole process group (mlflow, its shell and uvicorn workers)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:  # workers can outlive the parent by a moment; nothing of the group may stay behind
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=20)
+
+
+def post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url + "/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def test_served_champion_captions_an_image_like_the_model_does(prepared_params, tmp_path):
+    p = params_under(prepared_params, tmp_path)
+    best = Path(p.paths.sweeps) / "captioner" / "best.json"
+    best.parent.mkdir(parents=True)
+    best.write_text(json.dumps({"overrides": {}}))
+    trained = train_stage.run(p, "captioner", best=True, register=True)
+    images = sorted((Path(p.data.coco.images)).glob("*.jpg"))[:2]
+    raw = [path.read_bytes() for path in images]
+    module = load_module("captioner", trained["best_checkpoint"])
+    expected = caption_bytes(module, raw, beam_size=3, alpha=0.7)  # the registered model's decoding settings
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "pipeline", "serve", "captioner", "--port", str(port), "--host", "127.0.0.1",
+           "--params", str(ROOT / "params.yaml"), "--set", f"tracking.uri={p.tracking.uri}"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        wait_until_up(proc, url, log)
+        body = post(url, {"dataframe_records": [{"image": base64.b64encode(b).decode("ascii")} for b in raw]})
+        assert body == {"predictions": expected}
+        assert all(isinstance(c, str) and c for c in expected)
+    finally:
+        stop(proc)
