@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -9,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
 from pipeline.params import apply_overrides
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, tiny_corpus
 
 pytestmark = pytest.mark.slow
 DATA_STAGES = {"sample", "prepare_coco", "prepare_text", "vocab", "embeddings"}
@@ -84,3 +86,60 @@ def test_exp_run_overrides_go_through_the_params_loader(repo: Path):
     # DVC refuses a new key unless it is appended with "+"; then our loader rejects it.
     out = sh(repo, "dvc", "exp", "run", "-S", "+vocab.min_frequency=2", "embeddings", ok=False)
     assert "vocab.min_frequency: unknown key" in out
+
+
+# ---- the whole DAG: sweeps, final training, evaluation -------------------------------------------------
+
+FAMILIES = ("captioner", "lstm_lm", "transformer_lm")
+MODEL_STAGES = {f"{stage}@{family}" for stage in ("sweep", "train", "evaluate") for family in FAMILIES}
+# Two one-epoch trials per family: enough for ASHA, MLflow nesting and best.json, in seconds per trial.
+TINY_SWEEPS = {key: value for family in FAMILIES for key, value in {
+    f"sweep.{family}.num_samples": 2, f"sweep.{family}.max_epochs": 1, f"sweep.{family}.grace_period": 1}.items()}
+
+
+@pytest.fixture(scope="module")
+def full_repo(tmp_path_factory) -> Path:
+    """Like `repo`, with tiny sweeps, on the small text corpus, for the whole DAG."""
+    repo = tmp_path_factory.mktemp("dvcfull")
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/ray_results/\n")
+    corpus = tiny_corpus(repo / "corpus")
+    write_params(repo, {**TINY, **TINY_SWEEPS, "data.text.files": [str(corpus.relative_to(repo))]})
+    for args in (("git", "init", "-q"), ("dvc", "init", "-q"), ("dvc", "config", "core.analytics", "false"),
+                 ("git", "add", "-A"), ("git", "commit", "-qm", "pipeline")):
+        sh(repo, *args)
+    return repo
+
+
+def test_full_repro_sweeps_trains_registers_evaluates_reports_then_does_nothing(full_repo: Path):
+    out = sh(full_repo, "dvc", "repro")
+    assert ran(out) == DATA_STAGES | MODEL_STAGES | {"report"}
+    for family in FAMILIES:
+        best = json.loads((full_repo / f"artifacts/sweeps/{family}/best.json").read_text())
+        sweep = json.loads((full_repo / f"metrics/sweep_{family}.json").read_text())
+        assert sweep["trials"] == 2 and sweep["errored"] == 0
+        assert sweep["completed"] + sweep["early_stopped"] == 2 and best["overrides"] == sweep["best_config"]
+        assert set(best["overrides"]) == set(yaml.safe_load((full_repo / "params.yaml").read_text())
+                                             ["sweep"][family]["space"])
+        evaluation = json.loads((full_repo / f"metrics/evaluate_{family}.json").read_text())
+        assert evaluation and all(v is None or isinstance(v, (int, float, str, dict, list))
+                                  for v in evaluation.values())
+        assert (full_repo / f"metrics/curve_{family}.csv").read_text().startswith("epoch,")
+    assert not (set(os.listdir(full_repo / "artifacts")) & {"ray_results"})  # Ray's folders stay outside DVC
+    assert "<html" in (full_repo / "reports/index.html").read_text()[:200].lower()
+    assert ran(sh(full_repo, "dvc", "repro")) == set()
+    assert "changed" not in sh(full_repo, "dvc", "status")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{full_repo / 'mlflow.db'}")
+    for family in FAMILIES:
+        registered = json.loads((full_repo / f"metrics/train_{family}.json").read_text())["registered"]
+        champion = client.get_model_version_by_alias(f"capline-{family}", "champion")
+        assert registered["version"] == str(champion.version) and registered["alias"] == "champion"
+
+def test_exp_run_with_a_bigger_sweep_reruns_that_family_only(full_repo: Path):
+    sh(full_repo, "dvc", "repro")
+    out = sh(full_repo, "dvc", "exp", "run", "-S", "sweep.captioner.num_samples=3")
+    assert "sweep@captioner" in ran(out) and ran(out) <= {"sweep@captioner", "train@captioner", "evaluate@captioner",
+                                                           "report"}
+    assert json.loads((full_repo / "metrics/sweep_captioner.json").read_text())["trials"] == 3
