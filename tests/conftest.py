@@ -95,6 +95,7 @@ def overrides_under(prepared: Params, root: Path) -> dict[str, object]:
     """TINY on already-prepared data, with models, metrics, sweeps and MLflow written under `root`."""
     return {**TINY, **{f"paths.{k}": v for k, v in prepared.paths.model_dump().items()},
             **{f"paths.{k}": str(root / k) for k in ("models", "metrics", "sweeps", "reports")},
+            "data.coco.annotations": prepared.data.coco.annotations, "data.coco.images": prepared.data.coco.images,
             "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"}
 
 
