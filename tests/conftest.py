@@ -136,3 +136,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def ray_with_dashboard():
+    """A local Ray with the dashboard: Ray Train V2 frees a stopped trial's workers through the State API it serves."""
+    import ray
+
+    from pipeline.tuning import init_ray
+
+    started = init_ray(None, dashboard=True)
+    yield
+    if started:
+        ray.shutdown()

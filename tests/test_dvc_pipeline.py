@@ -44,20 +44,23 @@ def write_params(repo: Path, overrides: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A fresh git + DVC repo holding the project's pipeline code, dvc.yaml and tiny params."""
-    repo = tmp_path_factory.mktemp("dvcrepo")
+def init_repo(repo: Path, overrides: dict) -> Path:
+    """Make `repo` a fresh git + DVC repo holding the project's pipeline code, dvc.yaml and shrunk params."""
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    write_params(repo, TINY)
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "dvc", "config", "core.analytics", "false")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "pipeline")
+    (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/ray_results/\n")
+    write_params(repo, overrides)
+    for args in (("git", "init", "-q"), ("dvc", "init", "-q"), ("dvc", "config", "core.analytics", "false"),
+                 ("git", "add", "-A"), ("git", "commit", "-qm", "pipeline")):
+        sh(repo, *args)
     return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """The pipeline with TINY params, for the data stages."""
+    return init_repo(tmp_path_factory.mktemp("dvcrepo"), TINY)
 
 
 def test_repro_runs_every_data_stage_then_nothing(repo: Path):
@@ -101,16 +104,8 @@ TINY_SWEEPS = {key: value for family in FAMILIES for key, value in {
 def full_repo(tmp_path_factory) -> Path:
     """Like `repo`, with tiny sweeps, on the small text corpus, for the whole DAG."""
     repo = tmp_path_factory.mktemp("dvcfull")
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/ray_results/\n")
     corpus = tiny_corpus(repo / "corpus")
-    write_params(repo, {**TINY, **TINY_SWEEPS, "data.text.files": [str(corpus.relative_to(repo))]})
-    for args in (("git", "init", "-q"), ("dvc", "init", "-q"), ("dvc", "config", "core.analytics", "false"),
-                 ("git", "add", "-A"), ("git", "commit", "-qm", "pipeline")):
-        sh(repo, *args)
-    return repo
+    return init_repo(repo, {**TINY, **TINY_SWEEPS, "data.text.files": [str(corpus.relative_to(repo))]})
 
 
 def test_full_repro_sweeps_trains_registers_evaluates_reports_then_does_nothing(full_repo: Path):

@@ -15,7 +15,7 @@ from pipeline import tracking
 from pipeline.training import fit
 from pipeline.training.datamodules import LanguageModelDataModule
 from pipeline.training.datasets import EpochBatchSampler, EpochOrder, LazyArray, StreamBatches
-from pipeline.tuning import init_ray, run_sweep
+from pipeline.tuning import run_sweep
 from tests.conftest import ROOT
 from tests.test_tuning import FAMILY, sweep_params, trial_params
 
@@ -90,17 +90,6 @@ def test_validation_hypotheses_are_gathered_from_every_rank(tmp_path: Path) -> N
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "pg")], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "gathered" in done.stdout, done.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def ray_with_dashboard():
-    """Ray Train V2 frees a stopped trial's workers through the State API, which the dashboard serves."""
-    import ray
-
-    started = init_ray(None, dashboard=True)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.mark.slow

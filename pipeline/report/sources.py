@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import tracking
 from pipeline.io import read_json
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,8 @@ def read_curve(path: Path) -> list[dict[str, float]] | None:
 
 def flatten_numbers(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Numeric leaves of nested dicts as dotted keys (what `dvc metrics` shows); text and lists skipped."""
-    out: dict[str, float] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten_numbers(value, f"{name}."))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[name] = value
-    return out
+    return {name: value for name, value in tracking.flatten(tree, prefix).items()
+            if isinstance(value, int | float) and not isinstance(value, bool)}
 
 
 def metrics_files(metrics_dir: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:

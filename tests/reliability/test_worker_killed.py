@@ -16,23 +16,12 @@ import torch
 
 from pipeline import tracking
 from pipeline.training import fit
-from pipeline.tuning import init_ray, run_sweep
+from pipeline.tuning import run_sweep
 from tests.test_tuning import FAMILY, _result_rows, sweep_params, trial_params
 
 EPOCHS = 12  # long enough to kill a worker after the first checkpoint and before the end
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_with_dashboard():
-    """Ray Train V2 needs the State API (the dashboard) to free a failed trial's worker group."""
-    import ray
-
-    started = init_ray(None, dashboard=True)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def train_workers() -> list[psutil.Process]:
