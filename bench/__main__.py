@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench import beam, loading, prepare, ray_overhead, recipes, repro, training  # noqa: F401  (register cases)
+from bench import beam, features, loading, prepare, ray_overhead, recipes, repro, training  # noqa: F401  (cases)
 from bench.common import (
     CASES,
     RESULTS_DIR,

@@ -1,7 +1,7 @@
 """Data loading against the model: batches/s of each family's training DataLoader (as `capline train` builds
 it, batches moved to the device) and the model's training steps/s on those same batches. The model must never
 wait for data: the loader should deliver at least 1.5x the step rate. Also: the same loader with one worker
-process per core (pinned memory, persistent workers), and what length-bucketed caption batches save.
+process per core (pinned memory, persistent workers), and what length-bucketed or image-grouped caption batches save.
 """
 
 from __future__ import annotations
@@ -109,24 +109,30 @@ def padding(dm: CaptionDataModule) -> tuple[float, float]:
     return pads / max(1, cells), widths / max(1, batches)
 
 
-def _bucketing(ctx: Context, p: Params) -> list[Figure]:
-    """Padding and captioner step rate over the first batches of an epoch, plain against bucketed."""
+BATCHINGS = {"plain": {}, "bucketed": {"bucket": True}, "grouped": {"group_by_image": True}}
+
+
+def _batchings(ctx: Context, p: Params) -> list[Figure]:
+    """Padding, images encoded and captioner step rate over the first batches of an epoch, per batching:
+    random pairs (plain), similar lengths (train.bucket_by_length), whole images (train.group_by_image)."""
     vocab, c = vocabulary(p, "captioner"), p.train.captioner
-    dms = {b: CaptionDataModule(p.paths.coco, vocab, c.batch_size, p.models.captioner.max_len,
-                                p.train.num_workers, p.seed, bucket=b) for b in (False, True)}
     steps = 1 if ctx.quick else 10
     figures, rates = [], {}
-    for bucket, dm in dms.items():
+    for label, how in BATCHINGS.items():
+        dm = CaptionDataModule(p.paths.coco, vocab, c.batch_size, p.models.captioner.max_len,
+                               p.train.num_workers, p.seed, **how)
         pad, width = padding(dm)
         batches = [to_device(b, ctx.device) for b in itertools.islice(iter(dm.train_dataloader()), steps)]
         w = workload(p, "captioner")
-        rates[bucket] = step_timing(ctx, w, batches, steps).rate(steps)[0]
+        rates[label] = step_timing(ctx, w, batches, steps).rate(steps)[0]
         w.net.cpu()
-        label = "bucketed" if bucket else "plain"
+        images = sum(len(b["images"]) for b in batches) / len(batches)
         figures.append(Figure(f"captions {label}: padding", pad, "fraction of positions",
-                              note=f"mean padded width {width:.1f} tokens"))
-    figures.append(Figure("captioner steps/s, bucketed / plain", rates[True] / rates[False], "x",
-                          note=f"first {steps} batches of epoch 0 each way, {p.models.captioner.arch}"))
+                              note=f"mean padded width {width:.1f} tokens, {images:.1f} images encoded per batch "
+                                   f"of {c.batch_size} captions"))
+    for label in ("bucketed", "grouped"):
+        figures.append(Figure(f"captioner steps/s, {label} / plain", rates[label] / rates["plain"], "x",
+                              note=f"first {steps} batches of epoch 0 each way, {p.models.captioner.arch}"))
     return figures
 
 
@@ -137,4 +143,4 @@ def loading_vs_steps(ctx: Context) -> list[Figure]:
     figures: list[Figure] = []
     for family in FAMILIES:
         figures += _rates_for(ctx, p, family)
-    return figures + _bucketing(ctx, p)
+    return figures + _batchings(ctx, p)

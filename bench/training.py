@@ -83,7 +83,7 @@ def captioner_workload(p: Params, arch: str, vocab: int, image_size: int, batch:
                 "captions": caps}
 
     def loss(m: nn.Module, bt: Batch) -> Tensor:
-        return m._loss(m.model.encode(bt["images"]), bt["captions"])  # the training step minus logging
+        return m._loss(m.encode_batch(bt), bt["captions"])  # the training step minus logging
 
     return Workload(f"captioner {arch} ({cfg.encoder} {image_size}px)", module, make_batch, loss, batch, 1,
                     "images/s", p.train.captioner)

@@ -26,6 +26,7 @@ class Stage(StrEnum):
     prepare_text = "prepare_text"
     vocab = "vocab"
     embeddings = "embeddings"
+    features = "features"
 
 
 class Family(StrEnum):

@@ -50,6 +50,7 @@ class PathsParams(Section):
     vocab: str
     encoded: str
     embeddings: str
+    features: str
     models: str
     sweeps: str
     ray_storage: str
@@ -141,6 +142,16 @@ class EmbeddingsParams(Section):
         if self.pretrained == "glove-6b-50d" and self.dim != 50:
             raise ValueError(f"dim must be 50 with pretrained glove-6b-50d (got {self.dim})")
         return self
+
+
+class FeaturesParams(Section):
+    enabled: bool
+    batch_size: int = Field(ge=1, le=65_536)
+    dtype: Literal["float16", "float32"]
+
+
+# The captioner keys a feature file depends on: a sweep that varies one would train on stale features.
+FEATURE_KEYS = ("encoder", "encoder_weights", "freeze_encoder", "finetune_blocks")
 
 
 class CaptionerParams(Section):
@@ -253,10 +264,18 @@ class TrainParams(Section):
     compile: bool
     num_workers: int = Field(ge=0, le=256)
     bucket_by_length: bool
+    group_by_image: bool
     log_every_n_steps: int = Field(ge=1)
     captioner: CaptionerTrainParams
     lstm_lm: LstmLmTrainParams
     transformer_lm: OptimParams
+
+    @model_validator(mode="after")
+    def _one_batching(self) -> TrainParams:
+        if self.bucket_by_length and self.group_by_image:
+            raise ValueError("bucket_by_length and group_by_image are both true: a captioner batch is either "
+                             "captions of similar length or every caption of a few images; set one to false")
+        return self
 
 
 class EvaluateParams(Section):
@@ -366,6 +385,7 @@ class Params(Section):
     prepare_text: PrepareTextParams
     vocab: VocabParams
     embeddings: EmbeddingsParams
+    features: FeaturesParams
     models: ModelsParams
     train: TrainParams
     evaluate: EvaluateParams
@@ -383,6 +403,25 @@ class Params(Section):
                 if not (key.startswith((f"models.{family}.", f"train.{family}.")) or key == "seed"):
                     raise ValueError(f"sweep.{family}.space.{key}: a {family} sweep may only vary "
                                      f"models.{family}.*, train.{family}.* or seed")
+        return self
+
+    @model_validator(mode="after")
+    def _features_need_a_fixed_encoder(self) -> Params:
+        if not self.features.enabled:
+            return self
+        c, needs = self.models.captioner, []
+        if not c.freeze_encoder:
+            needs.append("models.captioner.freeze_encoder: true (got false)")
+        if c.finetune_blocks:
+            needs.append(f"models.captioner.finetune_blocks: 0 (got {c.finetune_blocks})")
+        if c.encoder == "small_cnn":
+            needs.append("a pretrained models.captioner.encoder (got small_cnn, which starts from random weights)")
+        swept = [k for k in self.sweep.captioner.space if k in {f"models.captioner.{f}" for f in FEATURE_KEYS}]
+        if swept:
+            needs.append(f"no encoder keys in sweep.captioner.space (got {', '.join(swept)})")
+        if needs:
+            raise ValueError(f"features.enabled: true needs {'; '.join(needs)}: a feature file is only valid "
+                             f"for an encoder that never changes")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ TINY: dict[str, object] = {
     "embeddings.batch_size": 256,
     "embeddings.probe_words": ["red", "circle"],
     "embeddings.neighbours": 3,
+    "features.batch_size": 8,
     "models.captioner.embed_size": 16,
     "models.captioner.hidden_size": 32,
     "models.captioner.attention_size": 16,
@@ -79,8 +80,8 @@ def tiny_overrides(root: Path) -> dict[str, object]:
     paths = {k: str(root / v) for k, v in {
         "sample": "data/sample", "coco": "data/prepared/coco", "text": "data/prepared/text",
         "vocab": "data/vocab", "encoded": "data/encoded", "embeddings": "artifacts/embeddings",
-        "models": "artifacts/models", "sweeps": "artifacts/sweeps", "ray_storage": "ray_results",
-        "metrics": "metrics", "reports": "reports"}.items()}
+        "features": "data/features", "models": "artifacts/models", "sweeps": "artifacts/sweeps",
+        "ray_storage": "ray_results", "metrics": "metrics", "reports": "reports"}.items()}
     return {
         **TINY,
         **{f"paths.{k}": v for k, v in paths.items()},

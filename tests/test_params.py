@@ -32,6 +32,8 @@ def test_override_changes_only_that_key():
         ({"vocab.sources": []}, "vocab.sources", "at least 1"),
         ({"prepare_text.split.val": 0.7}, "prepare_text.split.val", "less than 0.5"),
         ({"embeddings.pretrained": "glove-6b-50d", "embeddings.dim": 8}, "embeddings", "dim must be 50"),
+        ({"train.bucket_by_length": True, "train.group_by_image": True}, "train",
+         "bucket_by_length and group_by_image"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key, expected):

@@ -122,6 +122,11 @@ def test_the_sweep_key_follows_what_trials_depend_on(tiny_params) -> None:
     # the data's DVC hash counts (new data: a new sweep); outputs such as metrics files do not
     assert key({"dvc.data/encoded": "2", "dvc.metrics/sweep.json": "1"}) != base
     assert key({"dvc.data/encoded": "1", "dvc.metrics/sweep.json": "2", "git.commit": "x"}) == base
+    # pre-extracted features feed captioner trials only
+    features = {"features.dtype": "float32"}
+    assert sweep_key(validate_params(apply_overrides(tiny_params.to_dict(), features)), "captioner", {}) != \
+        sweep_key(tiny_params, "captioner", {})
+    assert key(**features) == base and key({"dvc.data/encoded": "1", "dvc.data/features": "2"}) == base
 
 
 # ---- sweeps -----------------------------------------------------------------------------------------------

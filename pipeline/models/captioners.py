@@ -1,9 +1,10 @@
 """Image captioners: Show and Tell, Show Attend and Tell, and a transformer decoder.
 
-Every captioner has `encode(images) -> memory`, a teacher-forced `forward(memory, inputs) ->
-(logits (B, T, V), aux)`, and the incremental protocol `init_state` / `step` / `select` used by
-pipeline.decoding (see notes/issue3-interfaces.md). `step` repeated over the teacher-forced inputs
-reproduces `forward`'s log-softmax exactly (in eval mode), which is what makes decoding correct.
+Every captioner has `encode(images) -> memory` (= `encode_features(encoder(images))`, so pre-extracted
+features skip the CNN), a teacher-forced `forward(memory, inputs) -> (logits (B, T, V), aux)`, and the
+incremental protocol `init_state` / `step` / `select` used by pipeline.decoding (see
+notes/issue3-interfaces.md). `step` repeated over the teacher-forced inputs reproduces `forward`'s
+log-softmax exactly (in eval mode), which is what makes decoding correct.
 """
 
 from __future__ import annotations
@@ -59,7 +60,14 @@ class Captioner(nn.Module):
                 if p.requires_grad and not name.startswith("encoder.")]
 
     def encode(self, images: Tensor) -> Tensor:
-        """uint8 images (B, 3, H, W) -> memory with batch on dim 0."""
+        """uint8 images (B, 3, H, W) -> memory with batch on dim 0: the CNN, then encode_features."""
+        return self.encode_features(self.encoder(images))  # (B, C, h, w) -> memory
+
+    def encode_features(self, feats: Tensor) -> Tensor:
+        """Encoder feature maps (B, C, h, w) -> memory: the part of `encode` after the CNN.
+
+        Training on pre-extracted features (stage `features`) calls this directly with a frozen encoder.
+        """
         raise NotImplementedError
 
 
@@ -74,9 +82,9 @@ class ShowTell(Captioner):
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_size, vocab_size)
 
-    def encode(self, images: Tensor) -> Tensor:
-        """uint8 images -> image embedding (B, E)."""
-        return self.image_proj(self.encoder(images).mean(dim=(2, 3)))  # (B, C, h, w) -> (B, E)
+    def encode_features(self, feats: Tensor) -> Tensor:
+        """Feature maps (B, C, h, w) -> image embedding (B, E)."""
+        return self.image_proj(feats.mean(dim=(2, 3)))  # (B, C) -> (B, E)
 
     def forward(self, memory: Tensor, inputs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Memory (B, E), inputs (B, T) -> logits (B, T, V); one LSTM call over the whole sequence."""
@@ -121,15 +129,18 @@ class ShowAttendTell(Captioner):
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(embed_size, vocab_size)
 
-    def encode(self, images: Tensor) -> Tensor:
-        """uint8 images -> region features (B, N = h * w, D)."""
-        feats = self.encoder(images)  # (B, C, h, w)
-        return self.feature_proj(feats.flatten(2).transpose(1, 2))  # (B, N, D)
+    def encode_features(self, feats: Tensor) -> Tensor:
+        """Feature maps (B, C, h, w) -> region features (B, N = h * w, D)."""
+        return self.feature_proj(feats.flatten(2).transpose(1, 2))  # (B, N, C) -> (B, N, D)
 
-    def init_state(self, memory: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-        """(h, c), each (B, H), from the mean region feature."""
+    def init_state(self, memory: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(h, c), each (B, H), from the mean region feature, and the attention keys (B, N, K).
+
+        The keys depend only on the image, so decoding computes them once here instead of at every
+        step (they were the largest cost of a beam-search step); `select` carries them with the rows.
+        """
         mean = memory.mean(dim=1)  # (B, D)
-        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
+        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), self.attention.keys(memory)
 
     def _advance(self, memory: Tensor, keys: Tensor, state: tuple[Tensor, Tensor],
                  emb: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
@@ -142,26 +153,39 @@ class ShowAttendTell(Captioner):
         return logits, (h, c), alpha
 
     def forward(self, memory: Tensor, inputs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Memory (B, N, D), inputs (B, T) -> logits (B, T, V) and aux {"alphas": (B, T, N)}."""
-        keys = self.attention.keys(memory)  # (B, N, K), shared by every step
+        """Memory (B, N, D), inputs (B, T) -> logits (B, T, V) and aux {"alphas": (B, T, N)}.
+
+        Padding costs nothing: rows are sorted by length and the batch shrinks as rows end (as with
+        packed sequences), so positions after a row's last non-<pad> input get zero logits and
+        attention, which the loss and the attention penalty skip.
+        """
+        b, t_max = inputs.shape
+        steps = torch.arange(1, t_max + 1, device=inputs.device)
+        lengths = ((inputs != PAD_ID) * steps).amax(dim=1)  # (B,) up to the last real input
+        lengths, order = lengths.sort(descending=True)
+        memory, inputs = memory.index_select(0, order), inputs.index_select(0, order)
+        h, c, keys = self.init_state(memory, b)  # keys (B, N, K), shared by every step
         emb = self.drop(self.embed(inputs))  # (B, T, E)
-        state = self.init_state(memory, inputs.size(0))
+        running = (lengths[None, :] >= steps[:, None]).sum(dim=1).tolist()  # rows still going at each step
         logits, alphas = [], []
-        for t in range(inputs.size(1)):
-            step_logits, state, alpha = self._advance(memory, keys, state, emb[:, t])
-            logits.append(step_logits)
-            alphas.append(alpha)
-        return torch.stack(logits, dim=1), {"alphas": torch.stack(alphas, dim=1)}
+        for t, n in enumerate(running):
+            step_logits, (h, c), alpha = self._advance(memory[:n], keys[:n], (h[:n], c[:n]), emb[:n, t])
+            logits.append(F.pad(step_logits, (0, 0, 0, b - n)))  # (B, V), zero rows for ended captions
+            alphas.append(F.pad(alpha, (0, 0, 0, b - n)))  # (B, N)
+        back = torch.argsort(order)  # the caller's row order
+        return (torch.stack(logits, dim=1).index_select(0, back),
+                {"alphas": torch.stack(alphas, dim=1).index_select(0, back)})
 
-    def step(self, memory: Tensor, state: tuple[Tensor, Tensor],
-             tokens: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+    def step(self, memory: Tensor, state: tuple[Tensor, Tensor, Tensor],
+             tokens: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
         """One token per row (B,) -> next-token log-probs (B, V), new state, α (B, N)."""
+        h, c, keys = state
         emb = self.drop(self.embed(tokens))  # (B, E)
-        logits, state, alpha = self._advance(memory, self.attention.keys(memory), state, emb)
-        return F.log_softmax(logits, dim=-1), state, alpha
+        logits, (h, c), alpha = self._advance(memory, keys, (h, c), emb)
+        return F.log_softmax(logits, dim=-1), (h, c, keys), alpha
 
-    def select(self, state: tuple[Tensor, Tensor], index: Tensor) -> tuple[Tensor, Tensor]:
-        """Gather rows of (h, c) (batch on dim 0)."""
+    def select(self, state: tuple[Tensor, Tensor, Tensor], index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Gather rows of (h, c, keys) (batch on dim 0)."""
         return tuple(s.index_select(0, index) for s in state)  # type: ignore[return-value]
 
 
@@ -182,9 +206,8 @@ class TransformerCaptioner(Captioner):
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(d_model, vocab_size)
 
-    def encode(self, images: Tensor) -> Tensor:
-        """uint8 images -> memory (B, N = h * w, D) with 2-D sinusoidal positions added."""
-        feats = self.encoder(images)  # (B, C, h, w)
+    def encode_features(self, feats: Tensor) -> Tensor:
+        """Feature maps (B, C, h, w) -> memory (B, N = h * w, D) with 2-D sinusoidal positions added."""
         _, _, h, w = feats.shape
         memory = self.memory_proj(feats.flatten(2).transpose(1, 2))  # (B, N, D)
         return self.memory_norm(memory + sinusoid_2d(h, w, self.d_model, memory.device).to(memory.dtype))

@@ -18,6 +18,7 @@ which is exact because Lightning does not prefetch from sized loaders.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,17 +153,28 @@ def _pin(pin_memory: bool | None) -> bool:
 
 
 class CaptionDataModule(_ResumableDataModule):
-    """Prepared COCO: (image, caption) pairs for training, one item per image for val/test."""
+    """Prepared COCO: (image, caption) pairs for training, one item per image for val/test.
+
+    With `features_dir` (stage `features`: <split>.npy of a frozen encoder), training pairs carry "features"
+    (C, h, w) instead of "images", and val/test items carry both: validation runs on the features, evaluation
+    and the report still caption the raw images.
+    """
 
     def __init__(self, coco_dir: str | Path, vocab: Vocabulary, batch_size: int, max_len: int,
-                 num_workers: int, seed: int, pin_memory: bool | None = None, bucket: bool = False):
+                 num_workers: int, seed: int, pin_memory: bool | None = None, bucket: bool = False,
+                 features_dir: str | Path | None = None, group_by_image: bool = False):
         super().__init__()
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1 (tokens including <end>), got {max_len}")
         self.coco_dir, self.vocab, self.batch_size, self.max_len = Path(coco_dir), vocab, batch_size, max_len
-        self.num_workers, self.seed, self.bucket = num_workers, seed, bucket
+        if bucket and group_by_image:
+            raise ValueError("bucket (train.bucket_by_length) and group_by_image (train.group_by_image) "
+                             "exclude each other: a batch is either similar lengths or whole images")
+        self.num_workers, self.seed, self.bucket, self.group_by_image = num_workers, seed, bucket, group_by_image
         self.pin_memory = _pin(pin_memory)
+        self.features_dir = None if features_dir is None else Path(features_dir)
         self._images: dict[str, LazyArray] = {}
+        self._features: dict[str, LazyArray] = {}
         self._records: dict[str, list[dict[str, Any]]] = {}
         self._refs: dict[str, dict[int, list[str]]] = {}
         self._pairs: CaptionPairs | None = None
@@ -180,6 +192,19 @@ class CaptionDataModule(_ResumableDataModule):
             self._images[split] = images
         return self._images[split], self._records[split]
 
+    def features(self, split: str) -> LazyArray | None:
+        """The split's feature rows (N, C, h, w), one per image row; None without features_dir."""
+        if self.features_dir is None:
+            return None
+        if split not in self._features:
+            rows = len(self._split(split)[0])
+            feats = LazyArray(self.features_dir / f"{split}.npy")
+            if len(feats.shape) != 4 or feats.shape[0] != rows or feats.dtype.kind != "f":
+                raise ValueError(f"{feats.path}: expected float features ({rows}, C, h, w) for the {rows} images "
+                                 f"of {self.coco_dir / split}, got {feats.dtype} {feats.shape}")
+            self._features[split] = feats
+        return self._features[split]
+
     def encode(self, tokens: list[str]) -> list[int]:
         """[<start>, w..., <end>], words cut so that the whole is at most max_len + 1 ids."""
         return self.vocab.encode(tokens[: self.max_len - 1], add_start=True, add_end=True)
@@ -193,7 +218,8 @@ class CaptionDataModule(_ResumableDataModule):
             offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
             ids = np.fromiter((i for e in encoded for i in e), dtype=np.int32, count=int(offsets[-1]))
             image_of = np.repeat(np.arange(len(records)), [len(r["captions"]) for r in records])
-            self._pairs = CaptionPairs(images, ids, offsets, image_of)
+            feats = self.features("train")  # rows of the images: CaptionPairs indexes either the same way
+            self._pairs = CaptionPairs(images if feats is None else feats, ids, offsets, image_of)
             log.info("captions: %d training pairs over %d images", len(image_of), len(records))
 
     @property
@@ -207,13 +233,16 @@ class CaptionDataModule(_ResumableDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         pairs = self.train_dataset()
-        order = EpochOrder(len(pairs), self.seed, shuffle=True)
+        # pairs are image-major (image_of ascending), so each image's captions are one consecutive group
+        captions_per_image = np.unique(pairs.image_of, return_counts=True)[1] if self.group_by_image else None
+        order = EpochOrder(len(pairs), self.seed, shuffle=True, group_sizes=captions_per_image)
         batches = EpochBatchSampler(order, self.batch_size, pairs.lengths() if self.bucket else None, self.part)
-        return self._track(ResumableLoader(pairs, batches, collate_captions, self.num_workers,
-                                           self.pin_memory, self.seed))
+        collate = collate_captions if self.features_dir is None else functools.partial(collate_captions,
+                                                                                        field="features")
+        return self._track(ResumableLoader(pairs, batches, collate, self.num_workers, self.pin_memory, self.seed))
 
     def _eval_loader(self, split: str) -> DataLoader:
-        images = self._eval_share(SplitImages(self._split(split)[0]))
+        images = self._eval_share(SplitImages(self._split(split)[0], self.features(split)))
         return DataLoader(images, batch_size=self.batch_size, shuffle=False,
                           collate_fn=collate_images, num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0, generator=_own_generator())

@@ -63,7 +63,10 @@ def _image(images: LazyArray, row: int) -> torch.Tensor:
 
 
 class CaptionPairs(Dataset):
-    """One item per (image, caption) pair: (image uint8 (3,S,S), ids long (L,), image_index)."""
+    """One item per (image, caption) pair: (image uint8 (3,S,S), ids long (L,), image_index).
+
+    Given a feature array instead of the images, the first element is the image's features (C, h, w).
+    """
 
     def __init__(self, images: LazyArray, ids: np.ndarray, offsets: np.ndarray, image_of: np.ndarray):
         self.images, self.ids, self.offsets, self.image_of = images, ids, offsets, image_of
@@ -82,31 +85,45 @@ class CaptionPairs(Dataset):
 
 
 class SplitImages(Dataset):
-    """One item per image of a split: (image uint8 (3,S,S), image_index)."""
+    """One item per image of a split: (image uint8 (3,S,S), image_index), plus its features (C,h,w) if given."""
 
-    def __init__(self, images: LazyArray):
-        self.images = images
+    def __init__(self, images: LazyArray, features: LazyArray | None = None):
+        self.images, self.features = images, features
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return _image(self.images, i), i
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
+        if self.features is None:
+            return _image(self.images, i), i
+        return _image(self.images, i), i, _image(self.features, i)
 
 
-def collate_captions(items: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
-    """Stack images, pad captions with <pad> to the longest in the batch."""
+def collate_captions(items: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
+                     field: str = "images") -> dict[str, torch.Tensor]:
+    """Stack each image (or features: field="features") once, pad captions with <pad> to the longest.
+
+    Captions of the same image share one row of `field` (U <= B rows, in order of first use), so the
+    encoder runs once per image; "image_slot" (B,) maps each caption to its image's row.
+    """
     images, captions, index = zip(*items, strict=True)
     padded = torch.full((len(items), max(len(c) for c in captions)), PAD_ID, dtype=torch.long)  # (B, T)
     for row, ids in enumerate(captions):
         padded[row, : len(ids)] = ids
-    return {"images": torch.stack(images), "captions": padded,
+    first: dict[int, int] = {}  # image index -> its row among the unique images
+    slot = [first.setdefault(i, len(first)) for i in index]
+    unique = [images[index.index(i)] for i in first]
+    return {field: torch.stack(unique), "image_slot": torch.tensor(slot, dtype=torch.long), "captions": padded,
             "image_index": torch.tensor(index, dtype=torch.long)}
 
 
-def collate_images(items: Sequence[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
-    images, index = zip(*items, strict=True)
-    return {"images": torch.stack(images), "image_index": torch.tensor(index, dtype=torch.long)}
+def collate_images(items: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
+    """Stack SplitImages items: images (B, 3, S, S), image_index (B,), and features (B, C, h, w) when present."""
+    images, index, *features = zip(*items, strict=True)
+    batch = {"images": torch.stack(images), "image_index": torch.tensor(index, dtype=torch.long)}
+    if features:
+        batch["features"] = torch.stack(features[0])
+    return batch
 
 
 class StreamBatches(Dataset):
@@ -176,10 +193,18 @@ def collate_single(items: Sequence[Any]) -> Any:
 
 
 class EpochOrder(Sampler[int]):
-    """The item order of one epoch: a permutation that is a pure function of (seed, epoch), or identity."""
+    """The item order of one epoch: a permutation that is a pure function of (seed, epoch), or identity.
 
-    def __init__(self, num_items: int, seed: int, shuffle: bool):
+    With `group_sizes` (items come as consecutive groups, e.g. the captions of one image), the groups are
+    permuted and each group's items stay adjacent, in a shuffled order: a batch then holds whole groups.
+    """
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool, group_sizes: np.ndarray | None = None):
+        if group_sizes is not None and (int(np.sum(group_sizes)) != num_items or np.any(group_sizes < 1)):
+            raise ValueError(f"group_sizes must be positive and sum to the {num_items} items, "
+                             f"got {len(group_sizes)} groups summing to {int(np.sum(group_sizes))}")
         self.num_items, self.seed, self.shuffle, self.epoch = num_items, seed, shuffle, 0
+        self.group_sizes = group_sizes
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning (via batch_sampler.sampler) before every training epoch."""
@@ -188,7 +213,13 @@ class EpochOrder(Sampler[int]):
     def indices(self) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.num_items)
-        return np.random.default_rng((self.seed, self.epoch)).permutation(self.num_items)
+        rng = np.random.default_rng((self.seed, self.epoch))
+        if self.group_sizes is None:
+            return rng.permutation(self.num_items)
+        place = np.empty(len(self.group_sizes), dtype=np.int64)
+        place[rng.permutation(len(self.group_sizes))] = np.arange(len(self.group_sizes))  # group -> its slot
+        slot_of_item = np.repeat(place, self.group_sizes)  # (num_items,)
+        return np.lexsort((rng.random(self.num_items), slot_of_item))  # by slot, then randomly within a group
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
+from pipeline.data.features import check_manifest
 from pipeline.data.vocab import Vocabulary
 from pipeline.params import Params
 from pipeline.training.callbacks import EpochHistory, NonFiniteLossGuard, RNGStateCallback
@@ -68,11 +69,16 @@ def pretrained_embeddings(p: Params, family: str) -> np.ndarray | None:
 
 
 def build_datamodule(p: Params, family: str, vocab: Vocabulary) -> pl.LightningDataModule:
-    """The data module of a family over the prepared data."""
+    """The data module of a family over the prepared data (a captioner's on pre-extracted features if enabled)."""
     cfg = getattr(p.train, family)
     if family == "captioner":
+        features = None
+        if p.features.enabled:  # stale features (another encoder, other images) stop here, naming the field
+            check_manifest(p.paths.features, p.models.captioner, p.paths.coco, p.features.dtype)
+            features = p.paths.features
         return CaptionDataModule(p.paths.coco, vocab, cfg.batch_size, p.models.captioner.max_len,
-                                 p.train.num_workers, p.seed, bucket=p.train.bucket_by_length)
+                                 p.train.num_workers, p.seed, bucket=p.train.bucket_by_length, features_dir=features,
+                                 group_by_image=p.train.group_by_image)
     model = getattr(p.models, family)
     seq_len = cfg.bptt if family == "lstm_lm" else model.context
     mode = "stream" if family == "lstm_lm" else "windows"

@@ -137,8 +137,17 @@ class CaptioningModule(_Optimised):
             loss = loss + self.model_cfg.attention_reg * self.model.doubly_stochastic_penalty(aux["alphas"], mask)
         return loss
 
+    def encode_batch(self, batch: dict) -> torch.Tensor:
+        """Memory, one row per caption, from the batch's pre-extracted "features" (the frozen CNN skipped) or
+        its "images"; training batches hold each image once and map captions to it with "image_slot"."""
+        if "features" in batch:
+            memory = self.model.encode_features(batch["features"].float())  # stored float16 (U, C, h, w)
+        else:
+            memory = self.model.encode(batch["images"])  # (U, ...)
+        return memory if "image_slot" not in batch else memory.index_select(0, batch["image_slot"])  # (B, ...)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        memory = self.model.encode(batch["images"])
+        memory = self.encode_batch(batch)
         prob = self.sampling_probability()
         loss = self._loss(memory, batch["captions"], prob)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
@@ -149,7 +158,7 @@ class CaptioningModule(_Optimised):
         self._val_hyps = {}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        memory = self.model.encode(batch["images"])
+        memory = self.encode_batch(batch)
         captions = self._reference_batch(batch["image_index"]).to(self.device)
         self.log("val/loss", self._loss(memory, captions), prog_bar=True, batch_size=len(captions), sync_dist=True)
         result = greedy(self.model, memory, len(captions), self.model_cfg.max_len)

@@ -57,11 +57,15 @@ def sweep_key(p: Params, family: str, lineage: dict[str, str]) -> str:
     trial computes. A rerun with the same key resumes (or reuses) the same Ray experiment.
     """
     d = p.to_dict()
-    key = {k: v for k, v in d.items() if k not in ("paths", "tracking", "evaluate", "models", "train", "sweep")}
+    skip = ("paths", "tracking", "evaluate", "models", "train", "sweep", "report", "features")
+    key = {k: v for k, v in d.items() if k not in skip}
     key["models"] = d["models"][family]
     key["train"] = {k: v for k, v in d["train"].items() if k not in FAMILIES or k == family}
     key["sweep"] = d["sweep"][family]
-    data = [d["paths"][k].rstrip("/") for k in ("coco", "text", "vocab", "encoded", "embeddings")]
+    data = ["coco", "text", "vocab", "encoded", "embeddings"]
+    if family == "captioner":  # only captioner trials read pre-extracted features
+        key["features"], data = d["features"], [*data, "features"]
+    data = [d["paths"][k].rstrip("/") for k in data]
     key["lineage"] = {k: v for k, v in lineage.items()
                       if k.startswith("dvc.") and any(k[4:] == x or k[4:].startswith(x + "/") for x in data)}
     return tracking.params_hash(key)

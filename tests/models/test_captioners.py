@@ -178,3 +178,30 @@ def test_factory_builds_each_arch(tiny_params):
     transformer = make(tiny_params, "transformer")
     assert transformer.d_model == tiny_params.models.captioner.hidden_size
     assert len(transformer.decoder.layers) == tiny_params.models.captioner.layers
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_attention_keys_are_computed_once_per_search(tiny_params, score):
+    from pipeline.decoding import beam_search
+
+    model = make(tiny_params, "show_attend_tell", attention=score)
+    keys, steps = [], []
+    model.attention.key.register_forward_hook(lambda *_: keys.append(1))
+    model.cell.register_forward_hook(lambda *_: steps.append(1))
+    beam_search(model, model.encode(images(2, 32)), 2, beam_size=3, max_len=6)
+    assert len(steps) > 1 and len(keys) == 1  # once in init_state, not at every step
+
+
+def test_show_attend_tell_skips_padding_without_changing_real_positions(tiny_params):
+    model = make(tiny_params, "show_attend_tell").eval()
+    memory = model.encode(images(3, 32))
+    inputs = tokens(3, 7)
+    lengths = [4, 7, 2]  # real inputs per row; the rest is <pad>
+    for row, n in enumerate(lengths):
+        inputs[row, n:] = PAD_ID
+    logits, aux = model(memory, inputs)
+    for row, n in enumerate(lengths):
+        alone, alone_aux = model(memory[row: row + 1], inputs[row: row + 1, :n])  # no padding at all
+        torch.testing.assert_close(logits[row, :n], alone[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(aux["alphas"][row, :n], alone_aux["alphas"][0], atol=1e-6, rtol=1e-5)
+        assert not logits[row, n:].any() and not aux["alphas"][row, n:].any()

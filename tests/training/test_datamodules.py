@@ -37,9 +37,9 @@ def jsonl(coco: Path, split: str) -> list[dict]:
 
 
 def captions_dm(prepared, words, batch_size=16, max_len=20, num_workers=0, seed=7, bucket=False,
-                coco=None) -> CaptionDataModule:
+                coco=None, group=False) -> CaptionDataModule:
     dm = CaptionDataModule(coco or prepared["coco"], words, batch_size, max_len, num_workers, seed,
-                           pin_memory=False, bucket=bucket)
+                           pin_memory=False, bucket=bucket, group_by_image=group)
     dm.setup("fit")
     return dm
 
@@ -59,7 +59,9 @@ def test_train_batches_are_padded_start_end_sequences(prepared, words):
     dm = captions_dm(prepared, words, batch_size=8)
     batch = next(iter(dm.train_dataloader()))
     s = prepared["size"]
-    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (8, 3, s, s)
+    unique = len(set(batch["image_index"].tolist()))
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (unique, 3, s, s)
+    assert len(batch["captions"]) == len(batch["image_slot"]) == 8
     assert batch["captions"].dtype == torch.long and batch["image_index"].dtype == torch.long
     caps = batch["captions"]
     assert (caps[:, 0] == START_ID).all()
@@ -70,7 +72,10 @@ def test_train_batches_are_padded_start_end_sequences(prepared, words):
         assert row[n:] == [PAD_ID] * (caps.shape[1] - n)
     assert len(set(lengths)) > 1  # the sample's captions vary in length, so padding was exercised
     images = np.load(prepared["coco"] / "train" / "images.npy")
-    assert torch.equal(batch["images"], torch.from_numpy(images[batch["image_index"].numpy()]))
+    # each image once, in order of first use; image_slot maps every caption to its image's row
+    unique = list(dict.fromkeys(batch["image_index"].tolist()))
+    assert torch.equal(batch["images"], torch.from_numpy(images[unique]))
+    assert torch.equal(batch["images"][batch["image_slot"]], torch.from_numpy(images[batch["image_index"].numpy()]))
 
 
 @pytest.mark.parametrize("max_len", [4, 64])
@@ -128,6 +133,46 @@ def test_bucketing_cuts_padding_and_keeps_every_pair(prepared, words):
     dm = captions_dm(prepared, words, batch_size=8, bucket=True)
     assert [fingerprint(b) for b in epoch_batches(dm.train_dataloader(), 0)] != \
         [fingerprint(b) for b in epoch_batches(dm.train_dataloader(), 1)]
+
+
+def test_grouping_by_image_keeps_every_pair_and_encodes_each_image_once(prepared, words):
+    def epoch(group: bool, e: int) -> tuple[Counter, int, list[tuple]]:
+        loader = captions_dm(prepared, words, batch_size=10, group=group).train_dataloader()
+        pairs, images, prints = Counter(), 0, []
+        for batch in epoch_batches(loader, e):
+            rows = [tuple(t for t in c if t != PAD_ID) for c in batch["captions"].tolist()]
+            pairs.update(zip(batch["image_index"].tolist(), rows, strict=True))
+            images += len(batch["images"])
+            prints.append(fingerprint(batch))
+        return pairs, images, prints
+
+    plain_pairs, plain_images, _ = epoch(False, 0)
+    grouped_pairs, grouped_images, first = epoch(True, 0)
+    assert grouped_pairs == plain_pairs
+    per_image = sum(plain_pairs.values()) / len({i for i, _ in plain_pairs})  # ~5 captions each
+    assert grouped_images < plain_images / (per_image / 2)  # images encoded per epoch: about 1/5
+    assert first != epoch(True, 1)[2] and first == epoch(True, 0)[2]  # a seeded order that changes per epoch
+
+
+def test_group_order_keeps_groups_together_and_shuffles_within():
+    from pipeline.training.datasets import EpochOrder
+
+    sizes = np.array([3, 1, 5, 2, 4])
+    order = EpochOrder(int(sizes.sum()), seed=1, shuffle=True, group_sizes=sizes)
+    group_of = np.repeat(np.arange(len(sizes)), sizes)
+    runs = []
+    for epoch in range(6):
+        order.set_epoch(epoch)
+        idx = order.indices()
+        assert sorted(idx.tolist()) == list(range(sizes.sum()))
+        groups = group_of[idx]
+        assert (np.diff(groups) != 0).sum() == len(sizes) - 1  # each group one contiguous run
+        runs.append(idx.tolist())
+    assert len({tuple(r) for r in runs}) == 6
+    third = [[i for i in r if group_of[i] == 2] for r in runs]  # the 5 items of group 2, as visited
+    assert any(t != sorted(t) for t in third)  # items move within their group too
+    with pytest.raises(ValueError, match="sum to the 14 items"):
+        EpochOrder(14, seed=1, shuffle=True, group_sizes=sizes)
 
 
 @pytest.mark.parametrize("split", ["val", "test"])
@@ -312,6 +357,7 @@ RESUME_CASES = [  # data, num_workers, crash before step, estimated_stepping_bat
     ("captions", 1, 7, True, 5), ("captions", 0, 4, True, 4), ("buckets", 0, 8, False, 5),
     ("stream", 0, 3, False, 5), ("stream", 0, 7, True, 5), ("stream", 1, 6, False, 5),
     ("windows", 0, 6, True, 5), ("captions", 0, "last", True, 5), ("windows", 0, "last", True, 4),
+    ("groups", 0, 7, True, 5),
 ]
 
 
@@ -322,8 +368,9 @@ def test_resume_from_a_mid_epoch_checkpoint_sees_the_same_batches(prepared, word
     root = write_streams(tmp_path / "encoded", {"train": 41, "val": 10, "test": 10})
 
     def make_dm():
-        if data in ("captions", "buckets"):
-            return captions_dm(prepared, words, batch_size=16, num_workers=workers, bucket=data == "buckets")
+        if data in ("captions", "buckets", "groups"):
+            return captions_dm(prepared, words, batch_size=16, num_workers=workers, bucket=data == "buckets",
+                               group=data == "groups")
         return lm_dm(root, data, batch_size=2, seq_len=4, num_workers=workers)
 
     per_epoch = len(make_dm().train_dataloader())
