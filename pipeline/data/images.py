@@ -1,8 +1,9 @@
 """Decode, resize and centre-crop images, in parallel, into memory-mappable uint8 arrays per split.
 
 Memory stays bounded by a few chunks whatever the data-set size: workers decode chunks of
-`chunk_size` images and return uint8 arrays; the parent consumes them in order (at most two per
-worker in flight) and writes each into an `open_memmap` file at a running cursor. Bad images are
+`chunk_size` images straight into their slot of a shared memory-mapped staging file (two slots per
+worker, so no pixels are pickled back); the parent takes the chunks in order and copies each slot's
+rows into an `open_memmap` file at a running cursor. Bad images are
 only found while decoding, so the cursor simply does not advance for them: no holes. Each file
 is created with an upper bound on its rows; only when images were skipped is it compacted into a
 correctly sized file, copying bounded blocks (a prefix copy, since the rows are already packed).
@@ -17,6 +18,7 @@ import logging
 import math
 import multiprocessing
 import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -138,9 +140,12 @@ class Chunk(NamedTuple):
     failures: list[tuple[int, str, str]]
 
 
-def decode_chunk(paths: Sequence[str], size: int, start: int = 0) -> Chunk:
-    """Decode a list of files (runs in a worker); positions are offset by `start`."""
-    rows = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+def decode_chunk(paths: Sequence[str], size: int, start: int = 0, out: np.ndarray | None = None) -> Chunk:
+    """Decode a list of files (runs in a worker); positions are offset by `start`.
+
+    With `out` (len(paths), 3, S, S), kept images are packed into it and the chunk carries no rows.
+    """
+    rows = np.empty((len(paths), 3, size, size), dtype=np.uint8) if out is None else out
     kept: list[int] = []
     failures = []
     old = ImageFile.LOAD_TRUNCATED_IMAGES
@@ -154,7 +159,19 @@ def decode_chunk(paths: Sequence[str], size: int, start: int = 0) -> Chunk:
                 failures.append((start + i, skip.reason, str(skip)))
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = old
+    if out is not None:
+        return Chunk(kept, np.empty((0, 3, size, size), dtype=np.uint8), failures)
     return Chunk(kept, rows[: len(kept)].copy(), failures)  # copy: don't ship the unused tail
+
+
+def decode_into(paths: Sequence[str], size: int, start: int, staging: str, shape: tuple[int, ...],
+                first_row: int) -> Chunk:
+    """decode_chunk into rows [first_row, first_row + len(paths)) of the shared staging file (in a worker)."""
+    slots = np.memmap(staging, dtype=np.uint8, mode="r+", shape=shape)
+    try:
+        return decode_chunk(paths, size, start, out=slots[first_row: first_row + len(paths)])
+    finally:
+        del slots  # unmap; the parent reads the same pages through its own map
 
 
 def resolve_workers(workers: int) -> int:
@@ -163,22 +180,33 @@ def resolve_workers(workers: int) -> int:
 
 
 class Decoder:
-    """Decodes paths chunk by chunk, in order: in-process for one worker, else in a process pool."""
+    """Decodes paths chunk by chunk, in order: in-process for one worker, else in a process pool whose
+    workers write into slots of a staging file (2 per worker) that the parent reads back in place."""
 
     def __init__(self, workers: int, size: int, chunk_size: int):
         self.workers, self.size, self.chunk_size = resolve_workers(workers), size, chunk_size
         self.pool: ProcessPoolExecutor | None = None
+        self.slots = 2 * self.workers
+        self.shape = (self.slots * chunk_size, 3, size, size)  # the staging file: every slot's rows
+        self.staging: np.memmap | None = None
+        self.staging_path = ""
 
     def __enter__(self) -> Decoder:
         if self.workers > 1:
             # spawn, not fork: the parent may run threads (rich's refresh, torch) that fork would copy
             ctx = multiprocessing.get_context("spawn")
             self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+            fd, self.staging_path = tempfile.mkstemp(prefix="capline-decode-", suffix=".u8")
+            os.close(fd)
+            self.staging = np.memmap(self.staging_path, dtype=np.uint8, mode="w+", shape=self.shape)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)  # no worker writes into the staging any more
+            self.staging = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.staging_path)
 
     def chunks(self, paths: Sequence[str]) -> Iterator[Chunk]:
         """Chunks in input order; at most two per worker are in flight, so memory stays bounded."""
@@ -187,17 +215,29 @@ class Decoder:
             for s in starts:
                 yield decode_chunk(paths[s: s + self.chunk_size], self.size, s)
             return
-        pending: deque[Future[Chunk]] = deque()
+        free = deque(range(self.slots))
+        pending: deque[tuple[int, Future[Chunk]]] = deque()
         try:
             for s in starts:
-                pending.append(self.pool.submit(decode_chunk, paths[s: s + self.chunk_size], self.size, s))
-                if len(pending) >= 2 * self.workers:
-                    yield pending.popleft().result()
+                if not free:  # every slot in flight: hand out the oldest chunk, then reuse its slot
+                    yield from self._hand_out(pending.popleft(), free)
+                slot = free.popleft()
+                pending.append((slot, self.pool.submit(decode_into, paths[s: s + self.chunk_size], self.size, s,
+                                                       self.staging_path, self.shape, slot * self.chunk_size)))
             while pending:
-                yield pending.popleft().result()
+                yield from self._hand_out(pending.popleft(), free)
         finally:
-            for future in pending:
+            for _, future in pending:
                 future.cancel()
+
+    def _hand_out(self, job: tuple[int, Future[Chunk]], free: deque[int]) -> Iterator[Chunk]:
+        """Yield a finished chunk whose rows are its slot of the staging file; free the slot once consumed."""
+        slot, future = job
+        chunk = future.result()
+        first = slot * self.chunk_size
+        assert self.staging is not None
+        yield chunk._replace(rows=self.staging[first: first + len(chunk.kept)])  # a view: consume before resuming
+        free.append(slot)
 
 
 class RowWriter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,13 +196,14 @@ def coloured_files(tmp_path, n, bad=()):
     return paths
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_write_stream_fills_routes_in_order_without_holes(tmp_path, workers):
+@pytest.mark.parametrize(("workers", "chunk_size"), [(1, 3), (2, 3), (2, 1)])  # (2, 1): 11 chunks reuse 4 slots
+def test_write_stream_fills_routes_in_order_without_holes(tmp_path, workers, chunk_size):
     paths = coloured_files(tmp_path, 11, bad={1, 4})
     skipped, progress = [], []
-    with Decoder(workers, 8, chunk_size=3) as decoder:
+    with Decoder(workers, 8, chunk_size=chunk_size) as decoder:
         kept = write_stream(decoder, paths, [("val", 3), ("test", 2), ("train", None)], tmp_path / "out",
                             lambda i, r, m: skipped.append((i, r)), progress.append)
+    assert not decoder.staging_path or not Path(decoder.staging_path).exists()  # the staging file is gone
     assert skipped == [(1, "not_an_image"), (4, "not_an_image")]
     assert kept == {"val": [0, 2, 3], "test": [5, 6], "train": [7, 8, 9, 10]}
     assert sum(progress) == 11
