@@ -1,33 +1,21 @@
 """Lightning DataModules over the prepared COCO split and the encoded text streams, resumable mid-epoch.
 
-Exact resume: every training order is a pure function of (seed, epoch) (EpochOrder), and the training
-DataLoader (ResumableLoader) counts the batches it has handed to the training loop. Lightning 2.6 saves that
-count in two places: the fit loop stores `state_dict()` of every `_Stateful` train loader under
-`loops.fit_loop.state_dict.combined_loader`, and the data module's own `state_dict()` stores it again. The
-second copy is what makes resume work when `trainer.estimated_stepping_batches` is read in
-`configure_optimizers` (Lightning then builds the train loader before restoring the loops and never hands it
-the loop's copy; Lightning issue #20550): the data module is restored before `configure_optimizers`, so it
-passes the position to the loader it builds. The loader fixes its epoch and offset at the first batch, not at
-`iter()`, so whichever path arrives first, the next pass starts exactly at the saved batch; the offset is
-dropped when Lightning's `set_epoch` has meanwhile moved to a later epoch (`limit_train_batches` < 1).
-Under DDP, Lightning's DistributedSampler is not used (`use_distributed_sampler=False`): `shard(rank, world)`
-gives each rank every world-th training batch (the same number of steps on every rank), an equal block of
-rows of a batchified stream, and every world-th evaluation item. Batches are counted as handed to the loop,
-which is exact because Lightning does not prefetch from sized loaders.
+Exact resume (pipeline/training/resumable.py): every training order is a pure function of (seed, epoch) and
+the training loader's place in the epoch is saved in the checkpoint. Under DDP, Lightning's
+DistributedSampler is not used (`use_distributed_sampler=False`): `shard(rank, world)` gives each rank every
+world-th training batch (the same number of steps on every rank), an equal block of rows of a batchified
+stream, and every world-th evaluation item.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.coco import read_captions
 from pipeline.data.vocab import Vocabulary
@@ -44,115 +32,16 @@ from pipeline.training.datasets import (
     collate_single,
     collate_windows,
 )
+from pipeline.training.resumable import ResumableDataModule, ResumableLoader, eval_generator, resolve_pin_memory
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CaptionDataModule", "LanguageModelDataModule", "ResumableLoader"]
 
 SPLITS = ("train", "val", "test")
 
 
-class ResumableLoader(DataLoader):
-    """A DataLoader over an EpochBatchSampler whose place in the epoch is saved and restored."""
-
-    def __init__(self, dataset: Dataset, batch_sampler: EpochBatchSampler, collate_fn: Any,
-                 num_workers: int, pin_memory: bool, seed: int):
-        # own generator: creating an iterator must not draw from the global torch RNG (model randomness)
-        super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
-                         pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                         generator=torch.Generator().manual_seed(seed))
-        self._epoch, self._position = 0, 0  # epoch of the current pass, batches handed out in it
-        self._resume: tuple[int, int] | None = None
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._pass()
-
-    def _pass(self) -> Iterator[Any]:
-        # a generator: the epoch and offset are fixed at the first next(), after Lightning's set_epoch
-        # and after any load_state_dict, whatever order Lightning calls them in
-        sampler = self.batch_sampler
-        assert isinstance(sampler, EpochBatchSampler)
-        epoch, start = sampler.sampler.epoch, 0
-        if self._resume is not None:
-            # the saved offset holds only if Lightning did not move on to a later epoch after the load (an
-            # epoch cut short by limit_train_batches ends before the loader does)
-            start = self._resume[1] if self._resume[0] == epoch else 0
-            self._resume = None
-        sampler.start = start
-        self._epoch, self._position = epoch, start
-        for batch in super().__iter__():
-            self._position += 1  # counted in this process as handed out: workers' prefetching is not
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        """Where the training pass stands (a pending resume counts as the position)."""
-        epoch, position = self._resume or (self._epoch, self._position)
-        return {"epoch": epoch, "position": position, "batches": len(self),
-                "seed": self.batch_sampler.sampler.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Start the next pass at the saved batch (a finished epoch resumes at the next one)."""
-        if state.get("batches") != len(self) or state.get("seed") != self.batch_sampler.sampler.seed:
-            raise ValueError(
-                f"cannot resume the training data exactly: the checkpoint has {state.get('batches')} batches "
-                f"per epoch with seed {state.get('seed')}, this loader {len(self)} with seed "
-                f"{self.batch_sampler.sampler.seed} (batch size, data or seed changed)")
-        epoch, position = int(state["epoch"]), int(state["position"])
-        self._resume = (epoch + 1, 0) if position >= len(self) else (epoch, position)
-        self.batch_sampler.sampler.set_epoch(self._resume[0])  # Lightning's set_epoch, if it comes, wins
-        log.info("training data resumes at epoch %d, batch %d of %d", *self._resume, len(self))
-
-
-class _ResumableDataModule(pl.LightningDataModule):
-    """Saves the train loader's position in the checkpoint and hands it to the loader built on resume."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._train_loader: ResumableLoader | None = None
-        self._pending: dict[str, int] | None = None
-        self.part = (0, 1)  # (rank, world): this process's share of the data under DDP
-
-    def shard(self, rank: int, world: int) -> None:
-        """Read only this DDP rank's share of every split (call before fit, on every rank)."""
-        if not 0 <= rank < world:
-            raise ValueError(f"shard: need 0 <= rank < world, got rank {rank}, world {world}")
-        self.part = (rank, world)
-
-    def _eval_share(self, data: Dataset) -> Dataset:
-        """Every world-th item from the rank-th (all items on a single process)."""
-        rank, world = self.part
-        return data if world == 1 else Subset(data, range(rank, len(data), world))
-
-    def _track(self, loader: ResumableLoader) -> ResumableLoader:
-        if self._pending is not None:
-            loader.load_state_dict(self._pending)
-            self._pending = None
-        self._train_loader = loader
-        return loader
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._train_loader is not None:
-            return {"train_loader": self._train_loader.state_dict()}
-        return {"train_loader": self._pending} if self._pending is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if (state := state_dict.get("train_loader")) is None:
-            return
-        if self._train_loader is not None:
-            self._train_loader.load_state_dict(state)
-        else:
-            self._pending = dict(state)
-
-
-def _own_generator() -> torch.Generator:
-    """Evaluation loaders draw their worker seed from this, not the global RNG, so validating mid-run
-    does not shift the model's random stream (exact resume depends on it)."""
-    return torch.Generator().manual_seed(0)
-
-
-def _pin(pin_memory: bool | None) -> bool:
-    return torch.cuda.is_available() if pin_memory is None else pin_memory
-
-
-class CaptionDataModule(_ResumableDataModule):
+class CaptionDataModule(ResumableDataModule):
     """Prepared COCO: (image, caption) pairs for training, one item per image for val/test.
 
     With `features_dir` (stage `features`: <split>.npy of a frozen encoder), training pairs carry "features"
@@ -171,7 +60,7 @@ class CaptionDataModule(_ResumableDataModule):
             raise ValueError("bucket (train.bucket_by_length) and group_by_image (train.group_by_image) "
                              "exclude each other: a batch is either similar lengths or whole images")
         self.num_workers, self.seed, self.bucket, self.group_by_image = num_workers, seed, bucket, group_by_image
-        self.pin_memory = _pin(pin_memory)
+        self.pin_memory = resolve_pin_memory(pin_memory)
         self.features_dir = None if features_dir is None else Path(features_dir)
         self._images: dict[str, LazyArray] = {}
         self._features: dict[str, LazyArray] = {}
@@ -245,7 +134,7 @@ class CaptionDataModule(_ResumableDataModule):
         images = self._eval_share(SplitImages(self._split(split)[0], self.features(split)))
         return DataLoader(images, batch_size=self.batch_size, shuffle=False,
                           collate_fn=collate_images, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, generator=_own_generator())
+                          persistent_workers=self.num_workers > 0, generator=eval_generator())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -265,7 +154,7 @@ class CaptionDataModule(_ResumableDataModule):
         return [rec["image_id"] for rec in self._split(split)[1]]
 
 
-class LanguageModelDataModule(_ResumableDataModule):
+class LanguageModelDataModule(ResumableDataModule):
     """Encoded text streams: contiguous rows for truncated BPTT ("stream") or shuffled windows ("windows")."""
 
     def __init__(self, encoded_dir: str | Path, level: Literal["char", "word"], batch_size: int, seq_len: int,
@@ -278,7 +167,7 @@ class LanguageModelDataModule(_ResumableDataModule):
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
         self.encoded_dir, self.level, self.mode = Path(encoded_dir), level, mode
         self.batch_size, self.seq_len, self.seed, self.num_workers = batch_size, seq_len, seed, num_workers
-        self.pin_memory = _pin(pin_memory)
+        self.pin_memory = resolve_pin_memory(pin_memory)
         self._streams: dict[str, LazyArray] = {}
 
     def stream(self, split: str) -> LazyArray:
@@ -336,7 +225,7 @@ class LanguageModelDataModule(_ResumableDataModule):
         if self.mode == "windows":
             data = self._eval_share(data)  # a stream is already this rank's rows
         common = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
-                  "persistent_workers": self.num_workers > 0, "shuffle": False, "generator": _own_generator()}
+                  "persistent_workers": self.num_workers > 0, "shuffle": False, "generator": eval_generator()}
         if self.mode == "stream":
             return DataLoader(data, batch_size=1, collate_fn=collate_single, **common)
         return DataLoader(data, batch_size=self.batch_size, collate_fn=collate_windows, **common)
