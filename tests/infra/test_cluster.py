@@ -41,6 +41,7 @@ def write_job_dir(prepared, root: Path) -> Path:
         # when the later of the two trial processes has imported torch on this busy 2-core machine, or Tune
         # hands the second trial to the first one's process (actor reuse) and one node stays idle
         f"train.{FAMILY}.batch_size": 1, f"train.{FAMILY}.bptt": 16, "train.log_every_n_steps": 50,
+        f"sweep.{FAMILY}.epoch_fraction": 0.5,  # fixed here: the step count above depends on it, not the default
         "paths.ray_storage": str(root / "must-not-be-used")})
     (root / "params.yaml").write_text(yaml.safe_dump(p.to_dict(), sort_keys=False), encoding="utf-8")
     return root
