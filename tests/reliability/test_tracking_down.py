@@ -64,6 +64,17 @@ def test_an_unreachable_server_stops_training_before_it_starts(prepared_params, 
     assert not checkpoint_path(p, FAMILY, "last").parent.exists()  # not one step trained
 
 
+@pytest.mark.parametrize("lookup", ["get_run", "metric_history", "list_artifacts", "run_exists"])
+def test_read_only_lookups_of_an_unreachable_server_fail_fast_naming_it(lookup):
+    from pipeline import tracking
+
+    uri = f"http://127.0.0.1:{closed_port()}"
+    args = {"get_run": ("abc",), "metric_history": ("abc", "val/loss"), "list_artifacts": ("abc",),
+            "run_exists": ("abc",)}[lookup]
+    with pytest.raises(ConnectionError, match=f"tracking.uri {uri}: MLflow server unreachable"):
+        getattr(tracking, lookup)(uri, *args)  # not MLflow's minutes of retries
+
+
 def test_the_message_never_shows_a_password_written_into_tracking_uri():
     from pipeline import tracking
 

@@ -1,0 +1,50 @@
+"""MLflow tracking: the only package that imports mlflow.
+
+Runs live in a database store (default `sqlite:///mlflow.db`) or a tracking server; file stores (./mlruns)
+are refused. `store` reaches the store, `runs` starts, ends and logs into runs, `lineage` makes the lineage
+tags, `lookups` reads runs back as plain data, `registry` registers and serves models. Everything is
+re-exported here: callers write `from pipeline import tracking` and `tracking.start_run(...)`.
+"""
+
+from pipeline.tracking.lineage import lineage_tags, params_hash
+from pipeline.tracking.lookups import (
+    child_runs,
+    find_runs,
+    get_run,
+    latest_sweep,
+    list_artifacts,
+    load_artifact_dict,
+    metric_history,
+    run_exists,
+    tag_filter,
+)
+from pipeline.tracking.registry import CaplineModel, register_checkpoint, serve_command
+from pipeline.tracking.runs import (
+    END_STATUSES,
+    HOST_TAG,
+    PID_TAG,
+    TrackedRun,
+    create_run,
+    end_run,
+    flatten,
+    lightning_logger,
+    log_artifact,
+    log_dict,
+    log_figure,
+    log_metrics,
+    log_params_flat,
+    mark_stale_runs,
+    reopen_run,
+    set_tags,
+    start_run,
+)
+from pipeline.tracking.store import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, PROBE_TIMEOUT, check_server, configure
+
+__all__ = [
+    "END_STATUSES", "HOST_TAG", "MAX_KEY", "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "PID_TAG", "PROBE_TIMEOUT",
+    "CaplineModel", "TrackedRun", "check_server", "child_runs", "configure", "create_run", "end_run", "find_runs",
+    "flatten", "get_run", "latest_sweep", "lightning_logger", "lineage_tags", "list_artifacts",
+    "load_artifact_dict", "log_artifact", "log_dict", "log_figure", "log_metrics", "log_params_flat",
+    "mark_stale_runs", "metric_history", "params_hash", "register_checkpoint", "reopen_run", "run_exists",
+    "serve_command", "set_tags", "start_run", "tag_filter",
+]
