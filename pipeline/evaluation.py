@@ -79,7 +79,7 @@ def evaluate_language_model(module: LanguageModelModule, dm: LanguageModelDataMo
 def evaluate(p: Params, family: str, checkpoint: str | Path, split: str = "test") -> dict:
     """Load a checkpoint and score it on `split` with the `evaluate` params."""
     module = load_module(family, checkpoint, device_for(p))
-    dm = build_datamodule(p, family, vocabulary(p, family))
+    dm = build_datamodule(p, family, vocabulary(p, family), use_features=False)  # raw images through the encoder
     dm.setup("test")
     if family == "captioner":
         e = p.evaluate

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.data.images import sha256_file
 from pipeline.io import atomic_path, read_json, write_json
-from pipeline.models.encoders import RESNETS, ImageEncoder, efficientnet_weights_file, resnet_weights_file
+from pipeline.models.encoders import ImageEncoder, pretrained_weights_file
 from pipeline.params import CaptionerParams
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,8 @@ def _write_rows(encoder: ImageEncoder, arr: np.ndarray, batch_size: int, out: np
 
 def weights_identity(captioner: CaptionerParams) -> str:
     """sha256 of the pretrained encoder's weights file (the same lookup the encoder itself does)."""
-    if captioner.encoder == "efficientnet_lite0":
-        path = Path(captioner.encoder_weights) if captioner.encoder_weights else efficientnet_weights_file()
-    elif captioner.encoder in RESNETS:
-        path = resnet_weights_file(captioner.encoder, captioner.encoder_weights)
-    else:
+    path = pretrained_weights_file(captioner.encoder, captioner.encoder_weights)
+    if path is None:
         raise ValueError(f"models.captioner.encoder {captioner.encoder!r}: features need a pretrained encoder "
                          f"(efficientnet_lite0, resnet18, resnet50); {captioner.encoder} starts from random weights")
     return f"sha256:{sha256_file(path)}"

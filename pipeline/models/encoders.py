@@ -129,7 +129,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
 
         # image_size=None: "same" padding computed per input, so any image size works.
         net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-        load_state_dict_file(weights_path or efficientnet_weights_file(), net, "efficientnet-lite0")
+        load_state_dict_file(pretrained_weights_file("efficientnet_lite0", weights_path), net, "efficientnet-lite0")
         del net._fc  # the ImageNet classifier is not part of the feature extractor
         self.net = net
         self.max_finetune_blocks = len(net._blocks)
@@ -192,6 +192,15 @@ def resnet_weights_file(name: str, weights_path: str | Path | None) -> Path:
         f"torch hub cache ({' or '.join(str(cache / n) for n in names)}). Nothing is downloaded here: "
         f"fetch {enum.DEFAULT.url} on a machine with network access, then either copy it into {cache} "
         f"or set models.captioner.encoder_weights to its path.")
+
+
+def pretrained_weights_file(name: str, weights_path: str | Path | None) -> Path | None:
+    """The weights file encoder `name` loads (None: small_cnn, which starts from random weights)."""
+    if name == "efficientnet_lite0":
+        return Path(weights_path) if weights_path else efficientnet_weights_file()
+    if name in RESNETS:
+        return resnet_weights_file(name, weights_path)
+    return None
 
 
 def load_state_dict_file(path: str | Path, module: nn.Module, what: str) -> None:

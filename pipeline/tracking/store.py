@@ -55,8 +55,7 @@ def configure(uri: str, experiment: str) -> str:
     db = _sqlite_file(uri)
     if db is not None:
         db.resolve().parent.mkdir(parents=True, exist_ok=True)
-    check_server(uri)
-    mlflow.set_tracking_uri(uri)
+    use(uri)
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:

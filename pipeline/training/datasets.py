@@ -110,9 +110,13 @@ def collate_captions(items: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
     padded = torch.full((len(items), max(len(c) for c in captions)), PAD_ID, dtype=torch.long)  # (B, T)
     for row, ids in enumerate(captions):
         padded[row, : len(ids)] = ids
-    first: dict[int, int] = {}  # image index -> its row among the unique images
-    slot = [first.setdefault(i, len(first)) for i in index]
-    unique = [images[index.index(i)] for i in first]
+    row_of: dict[int, int] = {}  # image index -> its row among the unique images
+    unique = []
+    for image, i in zip(images, index, strict=True):
+        if i not in row_of:
+            row_of[i] = len(unique)
+            unique.append(image)
+    slot = [row_of[i] for i in index]
     return {field: torch.stack(unique), "image_slot": torch.tensor(slot, dtype=torch.long), "captions": padded,
             "image_index": torch.tensor(index, dtype=torch.long)}
 

@@ -68,12 +68,13 @@ def pretrained_embeddings(p: Params, family: str) -> np.ndarray | None:
     return np.load(path)
 
 
-def build_datamodule(p: Params, family: str, vocab: Vocabulary) -> pl.LightningDataModule:
-    """The data module of a family over the prepared data (a captioner's on pre-extracted features if enabled)."""
+def build_datamodule(p: Params, family: str, vocab: Vocabulary, use_features: bool = True) -> pl.LightningDataModule:
+    """The data module of a family over the prepared data (a captioner's on pre-extracted features if enabled;
+    use_features=False for evaluation, which runs the checkpoint's own encoder on the raw images)."""
     cfg = getattr(p.train, family)
     if family == "captioner":
         features = None
-        if p.features.enabled:  # stale features (another encoder, other images) stop here, naming the field
+        if p.features.enabled and use_features:  # stale features (another encoder, other images) stop here
             check_manifest(p.paths.features, p.models.captioner, p.paths.coco, p.features.dtype)
             features = p.paths.features
         return CaptionDataModule(p.paths.coco, vocab, cfg.batch_size, p.models.captioner.max_len,
