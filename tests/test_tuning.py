@@ -161,6 +161,19 @@ def trial_params(p: Params, config: dict) -> Params:
                                                           "train.accelerator": "cpu", "train.devices": 1}))
 
 
+@pytest.mark.parametrize(("raised", "status"), [(SystemExit(0), "FINISHED"), (SystemExit(1), "FAILED"),
+                                                 (RuntimeError("boom"), "FAILED")])
+def test_a_trial_stopped_by_tune_ends_finished_and_a_failing_one_failed(tmp_path, raised, status) -> None:
+    from pipeline.tuning.trial import recorded_failure
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.create_run(uri, "capline", "trial")
+    tracking.end_run("FAILED", run_id)  # what Lightning's logger does on its way out of a stopped fit
+    with pytest.raises(type(raised)), recorded_failure(run_id):
+        raise raised  # Tune stops a trial with SystemExit(0) inside tune.report
+    assert tracking.get_run(uri, run_id)["status"] == status
+
+
 def test_two_trial_sweep_is_tracked_as_nested_runs_and_rerun_reuses_it(local_ray, prepared_params, tmp_path):
     p = sweep_params(prepared_params, tmp_path, **{f"sweep.{FAMILY}.epoch_fraction": 0.5})  # half-epoch trials
     s = getattr(p.sweep, FAMILY)

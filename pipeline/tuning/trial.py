@@ -114,6 +114,12 @@ def recorded_failure(run_id: str) -> Iterator[None]:
         tracking.set_tags(run_id, {"diverged": "true", "error": str(err)})
         tracking.end_run("FAILED", run_id)
         raise
+    except SystemExit as stop:
+        # Tune stops a trial (ASHA, the sweep's end) with SystemExit(0) inside tune.report, and may not wait for
+        # it: Lightning has just ended the run FAILED on the way out, possibly after the driver recorded the
+        # outcome. A stop is not a failure, so the run ends as the driver records a stopped trial: FINISHED.
+        tracking.end_run("FINISHED" if stop.code in (0, None) else "FAILED", run_id)
+        raise
     except BaseException:
         tracking.end_run("FAILED", run_id)
         raise
