@@ -68,6 +68,18 @@ def stage(name: Annotated[Stage, typer.Argument(help="DVC stage to run (its run(
     importlib.import_module(f"stages.{name.value}").run(p)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def repro(ctx: typer.Context) -> None:
+    """`dvc repro` (any of its arguments), then a table of each stage's wall time; exits with DVC's status."""
+    from pipeline.stage_times import repro as run_repro
+    from pipeline.stage_times import summary
+
+    status, times, total = run_repro(list(ctx.args), echo=typer.echo)
+    if times:
+        typer.echo("\n" + summary(times, total))
+    raise typer.Exit(status)
+
+
 CheckpointOpt = Annotated[Path | None, typer.Option(
     "--checkpoint", help="A .ckpt file (default: the family's best.ckpt under paths.models).")]
 

@@ -287,6 +287,10 @@ class EvaluateParams(Section):
     sample_length: int = Field(ge=1)
 
 
+class RuntimeParams(Section):
+    threads: int | None = Field(ge=1)  # None: the cores this process may use
+
+
 class TrackingParams(Section):
     uri: str = Field(min_length=1)
     experiment: str = Field(min_length=1)
@@ -392,6 +396,7 @@ class Params(Section):
     tracking: TrackingParams
     sweep: SweepParams
     report: ReportParams
+    runtime: RuntimeParams
 
     @model_validator(mode="after")
     def _space_keys_exist(self) -> Params:

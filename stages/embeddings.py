@@ -18,6 +18,7 @@ from pipeline.embeddings.probe import probe
 from pipeline.embeddings.skipgram import SkipGramConfig, load_stream, train_skipgram
 from pipeline.io import save_npy, write_json
 from pipeline.params import Params, load_params
+from pipeline.runtime import set_threads
 
 STREAMS = {"text": "text_train_word.npy", "captions": "captions_train_word.npy"}
 
@@ -44,6 +45,7 @@ def skipgram(p: Params, vocab: Vocabulary) -> tuple[np.ndarray, dict]:
 
 
 def run(p: Params) -> dict:
+    set_threads(p.runtime.threads)
     vocab = load_vocab(p)
     e = p.embeddings
     if e.pretrained is None:

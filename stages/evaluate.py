@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.evaluation import evaluate
 from pipeline.io import atomic_open, write_json
 from pipeline.params import Params, load_params
+from pipeline.runtime import set_threads
 from pipeline.training.fit import FAMILIES, checkpoint_path, learning_curve
 
 CURVE_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_cider")
@@ -29,6 +30,7 @@ def write_curve(path: Path, history: list[dict[str, float]]) -> None:
 
 def run(p: Params, family: str, checkpoint: str | Path | None = None) -> dict:
     """Evaluate `family` (default: its best.ckpt); write metrics/evaluate_<family>.json and its learning curve."""
+    set_threads(p.runtime.threads)
     ckpt = Path(checkpoint) if checkpoint else checkpoint_path(p, family, "best")
     metrics = evaluate(p, family, ckpt)
     write_json(Path(p.paths.metrics) / f"evaluate_{family}.json", metrics)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.io import atomic_dir, write_json
 from pipeline.params import Params, load_params
+from pipeline.runtime import set_threads
 
 SPLITS = ("train", "val", "test")
 
@@ -41,6 +42,7 @@ def extract_splits(p: Params, out_dir: Path) -> dict:
 
 def run(p: Params) -> dict:
     """Write {paths.features} whole (atomically: a failed run keeps the previous folder) and the metrics."""
+    set_threads(p.runtime.threads)
     out = Path(p.paths.features)
     with atomic_dir(out) as tmp:
         if p.features.enabled:

@@ -17,6 +17,7 @@ from pipeline.report.blocks import Section
 from pipeline.report.build import ReportBuilder, mlflow_figure_log
 from pipeline.report.figures import FigureSink
 from pipeline.report.html import render
+from pipeline.runtime import set_threads
 
 
 def report_path(p: Params) -> Path:
@@ -39,6 +40,7 @@ def build_sections(builder: ReportBuilder, progress: bool) -> list[Section]:
 
 def run(p: Params, repo_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Build reports/index.html (and log its figures to MLflow); write metrics/report.json."""
+    set_threads(p.runtime.threads)
     repo = Path(repo_dir) if repo_dir is not None else Path.cwd()
     run_id, log = None, None
     if p.report.log_to_mlflow:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.io import read_json, write_json
 from pipeline.params import Params, apply_overrides, load_params, validate_params
+from pipeline.runtime import set_threads
 from pipeline.training.fit import FAMILIES, train
 
 
@@ -29,6 +30,7 @@ def with_best_config(p: Params, family: str) -> tuple[Params, dict]:
 
 def run(p: Params, family: str, resume: bool = False, best: bool = False, register: bool = False) -> dict:
     """Fit `family` (optionally with the sweep's best config); write metrics/train_<family>.json."""
+    set_threads(p.runtime.threads)
     overrides: dict = {}
     if best:
         p, overrides = with_best_config(p, family)

@@ -47,6 +47,7 @@ TINY: dict[str, object] = {
     "models.transformer_lm.heads": 2,
     "models.transformer_lm.ff_size": 64,
     "models.transformer_lm.context": 32,
+    "runtime.threads": 1,
     "train.accelerator": "cpu",
     "train.captioner.max_epochs": 1,
     "train.captioner.batch_size": 8,

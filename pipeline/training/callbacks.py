@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from typing import Any
 
 import numpy as np
@@ -103,3 +104,29 @@ class EpochHistory(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+class EpochLine(pl.Callback):
+    """One plain line per epoch (the learning curve's row and the epoch's wall time), flushed at once.
+
+    For logs and `dvc repro`, where stdout is not a terminal: no progress bar, and a piped stdout is
+    block-buffered, so without the flush nothing would show until the process ends.
+    """
+
+    def __init__(self, label: str, history: EpochHistory, write: Any = print) -> None:
+        self.label = label
+        self.history = history
+        self.write = write
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.history.history or trainer.sanity_checking:
+            return
+        row = self.history.history[-1]  # EpochHistory runs first: its row is this epoch's
+        values = "  ".join(f"{key.replace('_', '/', 1)} {value:.4f}" for key, value in row.items()
+                           if key not in ("epoch", "step"))
+        self.write(f"{self.label}: epoch {int(row['epoch']) + 1}/{trainer.max_epochs}  step {int(row['step'])}  "
+                   f"{values}  {time.monotonic() - self._start:.1f} s", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from pipeline.data.features import check_manifest
 from pipeline.data.vocab import Vocabulary
 from pipeline.params import Params
-from pipeline.training.callbacks import EpochHistory, NonFiniteLossGuard, RNGStateCallback
+from pipeline.training.callbacks import EpochHistory, EpochLine, NonFiniteLossGuard, RNGStateCallback
 from pipeline.training.datamodules import CaptionDataModule, LanguageModelDataModule
 from pipeline.training.modules import CaptioningModule, LanguageModelModule
 
@@ -179,8 +180,12 @@ def build_trainer(p: Params, family: str, logger: Any = None, callbacks: list | 
     # Lightning 2.6's save_last writes last.ckpt only in epochs that improved the monitor; resuming needs every
     # epoch, so last.ckpt has its own callback (no monitor, top 1: the newest epoch overwrites it).
     last = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, enable_version_counter=False)
+    history = EpochHistory(monitor)
     cbs = [best, last, NonFiniteLossGuard(f"lower train.{family}.lr or set train.{family}.clip_grad_norm"),
-           RNGStateCallback(), EpochHistory(monitor), *(callbacks or [])]
+           RNGStateCallback(), history, *(callbacks or [])]
+    if not sys.stdout.isatty():  # a log file or `dvc repro`: plain lines instead of a progress bar
+        cbs.append(EpochLine(f"train {family}", history))
+        overrides.setdefault("enable_progress_bar", False)
     if cfg.early_stopping_patience:
         cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience))
     if logger:
