@@ -2,6 +2,9 @@
 
 Files stream to `<file>.part` (continued by an HTTP Range request after an interruption) and are
 renamed to their final name only once verified, so a final name always means a correct file.
+With a published size, no more than that many bytes are ever read or written: a response that
+announces another size is refused before its body is read, and one that runs past it is cut off.
+Only a connection broken mid-body leaves a `.part` to resume; every other wrong answer deletes it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NoReturn
 
 from rich import progress as rp
 from rich.console import Console
@@ -179,6 +183,22 @@ def _open_resumable(url: str, part: Path, timeout: float) -> tuple[http.client.H
     return resp, 0  # a 200 answer: the whole file is on its way
 
 
+def _discard(url: str, part: Path, problem: str) -> NoReturn:
+    """Delete `part` (what this server sent is not a prefix of the file) and raise naming `url`."""
+    part.unlink(missing_ok=True)
+    raise ChecksumError(f"{url}: {problem}; nothing kept")
+
+
+def _check_length(url: str, part: Path, status: int, offset: int, length: int, size: int) -> None:
+    """Refuse, before reading it, a body whose Content-Length cannot complete the published size."""
+    total = offset + length
+    # A 206 may legitimately cover less than the rest (then resume again); a 200 is the whole file.
+    if total > size or (status == 200 and total < size):
+        sends = f"{length} bytes after byte {offset}" if offset else f"{length} bytes"
+        wanted = f"{size - offset} to complete the published {size}" if offset else f"the published {size}"
+        _discard(url, part, f"server sends {sends} (Content-Length), expected {wanted}; refused before reading")
+
+
 def _stream(url: str, part: Path, algo: str, size: int | None, progress: bool,
             timeout: float) -> str:
     """Download into `part` (appending when the server continues it); return the hex digest."""
@@ -188,20 +208,31 @@ def _stream(url: str, part: Path, algo: str, size: int | None, progress: bool,
         return hasher.hexdigest()
     resp, offset = _open_resumable(url, part, timeout)
     with resp:
+        length = resp.headers.get("Content-Length")
+        if size is not None and length and length.isdigit():
+            _check_length(url, part, resp.status, offset, int(length), size)
         if offset:
             _hash_file(part, hasher)
-        length = resp.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else size
-        received = 0
+        # Without a Content-Length the body ends when the server hangs up, which may be never.
+        limit = None if size is None else size - offset
+        received, overflow = 0, False
         with open(part, "ab" if offset else "wb") as out, \
                 _bar(part.name[: -len(".part")], total, offset, progress) as advance:
-            while chunk := resp.read(CHUNK):
+            # Ask for one byte past the limit at most: getting it proves the server sends too much.
+            while chunk := resp.read(CHUNK if limit is None else min(CHUNK, limit - received + 1)):
+                if limit is not None and received + len(chunk) > limit:
+                    overflow = True  # not written: .part never holds more than the published size
+                    break
                 out.write(chunk)
                 hasher.update(chunk)
                 received += len(chunk)
                 advance(len(chunk))
             out.flush()
             os.fsync(out.fileno())
+    if overflow:
+        _discard(url, part, f"server sent more than the published {size} bytes "
+                            f"(stopped reading at {offset + received + len(chunk)})")
     # http.client ends a body cut short by the server quietly, without an error: detect it here.
     if length and length.isdigit() and received < int(length):
         raise DownloadError(f"{url}: connection closed after {received} of {length} bytes; "

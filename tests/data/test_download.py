@@ -46,6 +46,7 @@ class Server:
     sent: list[int] = field(default_factory=list)
     ignore_range: bool = False  # answer 200 with the whole file, like a server without Range
     cut_after: int | None = None  # send only this many body bytes, then close the connection
+    no_length: bool = False  # send no Content-Length: the body ends when the connection closes
 
     def clear(self) -> None:
         self.requests.clear()
@@ -76,7 +77,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if not srv.no_length:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if srv.cut_after is not None:
             body = body[: srv.cut_after]
@@ -208,7 +210,16 @@ def test_checksum_mismatch_raises_and_leaves_no_file(server: Server, tmp_path: P
 def test_wrong_size_raises_and_leaves_no_file(server: Server, tmp_path: Path) -> None:
     data = os.urandom(4000)
     publish(server, "f.bin", data)
-    with pytest.raises(ChecksumError, match="expected 3000 bytes, got 4000"):
+    with pytest.raises(ChecksumError, match="sends 4000 bytes .*, expected the published 3000"):
+        fetch(f"{server.url}/f.bin", tmp_path / "f.bin", checksum=sha256(data), size=3000)
+    assert list(tmp_path.iterdir()) == [server.root]
+
+
+def test_a_file_without_content_length_larger_than_published_is_cut_off(server: Server, tmp_path: Path) -> None:
+    data = os.urandom(4000)
+    publish(server, "f.bin", data)
+    server.no_length = True
+    with pytest.raises(ChecksumError, match="sent more than the published 3000 bytes"):
         fetch(f"{server.url}/f.bin", tmp_path / "f.bin", checksum=sha256(data), size=3000)
     assert list(tmp_path.iterdir()) == [server.root]
 
