@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.params import Params
+from pipeline.redact import redact
 from pipeline.report.blocks import Section, missing
 from pipeline.report.figures import FigureSink, LogFigure, pca_2d
 from pipeline.report.sections import (
@@ -126,7 +127,7 @@ def sweep_trials(uri: str, parent_run_id: str | None) -> tuple[list[dict[str, An
     if not parent_run_id:
         return None, "the sweep's metrics name no MLflow run"
     if not tracking.run_exists(uri, parent_run_id):
-        return None, f"MLflow run {parent_run_id} is not in {uri}"
+        return None, f"MLflow run {parent_run_id} is not in {redact(uri)}"
     try:
         summary = tracking.load_artifact_dict(uri, parent_run_id, "sweep/summary.json")
     except FileNotFoundError as err:
@@ -148,7 +149,8 @@ def mlflow_figure_log(uri: str) -> LogFigure:
         if run_id not in known:
             known[run_id] = tracking.run_exists(uri, run_id)
             if not known[run_id]:
-                log.warning("MLflow run %s is not in %s: its report figures are not logged there", run_id, uri)
+                log.warning("MLflow run %s is not in %s: its report figures are not logged there", run_id,
+                            redact(uri))
         if known[run_id]:
             tracking.log_figure(run_id, fig, artifact)
         return known[run_id]

@@ -22,6 +22,7 @@ from pipeline.tracking.store import (
     configure,
     mlflow_key,
     mlflow_value,
+    without_login,
 )
 
 if TYPE_CHECKING:  # Lightning (and torch) load only when a logger is asked for
@@ -50,7 +51,7 @@ def lightning_logger(
 
     configure(uri, experiment)
     all_tags = _run_tags(tags)
-    logger = MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri,
+    logger = MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=without_login(uri),
                           tags=all_tags, log_model=False,
                           artifact_location=artifact_location(uri), run_id=run_id)
     if run_id is not None:  # Lightning applies tags only to runs it creates
@@ -132,8 +133,13 @@ def _log_batch(run_id: str | None, field: str, items: list, size: int) -> None:
 
 
 def log_params_flat(run_id: str | None, params: Mapping[str, Any]) -> dict[str, str]:
-    """Log nested params as dotted keys (values as JSON text); return what was logged."""
-    flat = {mlflow_key(k): mlflow_value(v, MAX_PARAM_VALUE, k) for k, v in flatten(params).items()}
+    """Log nested params as dotted keys (values as JSON text); return what was logged.
+
+    The `tracking` section is left out: it says where the run is recorded, not what it computed, and
+    tracking.uri may hold a password.
+    """
+    flat = {mlflow_key(k): mlflow_value(v, MAX_PARAM_VALUE, k) for k, v in flatten(params).items()
+            if not k.startswith("tracking.")}
     _log_batch(run_id, "params", [Param(k, v) for k, v in flat.items()], 100)
     return flat
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import ssl
 import urllib.error
@@ -20,6 +21,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.redact import redact, split_login
+
 log = logging.getLogger(__name__)
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (characters)
@@ -30,6 +33,10 @@ MAX_KEY = 250
 # which is right for a blip mid-run but not for a server that is not there when a run starts.
 PROBE_TIMEOUT = 10.0
 _answered: set[str] = set()  # servers that answered in this process
+# MLflow's login variables: a login written into tracking.uri reaches MLflow through them (see use), and
+# what they held before is put back when a URI without a login is used next.
+LOGIN_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+_replaced: dict[str, str | None] = {}
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -50,7 +57,7 @@ def configure(uri: str, experiment: str) -> str:
     """Point MLflow at `uri`, create or get `experiment`; return its id."""
     scheme = urlparse(uri).scheme
     if not scheme or scheme == "file" or len(scheme) == 1:  # len 1: a Windows drive letter
-        raise ValueError(f"tracking.uri {uri!r}: file stores (./mlruns) are not supported; use a "
+        raise ValueError(f"tracking.uri {redact(uri)!r}: file stores (./mlruns) are not supported; use a "
                          f"database such as sqlite:///mlflow.db or a server http://host:5000")
     db = _sqlite_file(uri)
     if db is not None:
@@ -74,7 +81,28 @@ def configure(uri: str, experiment: str) -> str:
 def use(uri: str) -> None:
     """Point MLflow at `uri` for a read or write outside configure(), failing fast if a server is not there."""
     check_server(uri)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(without_login(uri))
+
+
+def without_login(uri: str) -> str:
+    """`uri` without its user:password, which go to MLflow's login variables instead.
+
+    MLflow prints its tracking URI in every "View run" link and API error message: given the bare URI, it
+    has no password to print. The login written into the URI takes the place of any in the environment.
+    """
+    bare, login = split_login(uri)
+    if login is not None:
+        for name, value in zip(LOGIN_VARS, login, strict=True):
+            _replaced.setdefault(name, os.environ.get(name))
+            os.environ[name] = value
+    else:  # a URI without a login must not inherit the previous URI's
+        for name, value in _replaced.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _replaced.clear()
+    return bare
 
 
 def check_server(uri: str) -> None:
@@ -82,7 +110,7 @@ def check_server(uri: str) -> None:
     parts = urlparse(uri)
     if parts.scheme not in ("http", "https") or uri in _answered:
         return
-    shown = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()  # never a password in a message
+    shown = redact(uri)  # never a password in a message (nor in the probe: urllib would not send it anyway)
     hint = "start the server, fix tracking.uri, or track locally with tracking.uri: sqlite:///mlflow.db"
     try:
         with urllib.request.urlopen(f"{shown.rstrip('/')}/health", timeout=PROBE_TIMEOUT) as resp:
@@ -108,8 +136,8 @@ def mlflow_key(key: str) -> str:
 
 
 def mlflow_value(value: Any, limit: int, key: str) -> str:
-    """Strings as they are, anything else as JSON; cut to MLflow's limit with a warning."""
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    """Strings as they are, anything else as JSON, URIs without user:password; cut to MLflow's limit."""
+    text = redact(value if isinstance(value, str) else json.dumps(value, default=str))
     if len(text) > limit:
         log.warning("MLflow value of %s is %d characters; truncated to %d", key, len(text), limit)
         text = text[: limit - 3] + "..."

@@ -4,7 +4,10 @@ pins against pyproject; and every infra/ path the READMEs name exists."""
 
 from __future__ import annotations
 
+import configparser
 import copy
+import ipaddress
+import json
 import re
 import shlex
 import shutil
@@ -87,6 +90,113 @@ def test_rays_validation_rejects_a_misspelt_key() -> None:
         prepared_cluster_config(config)
 
 
+IAM = INFRA / "ray" / "iam"
+WRITES = re.compile(r"^s3:(Put|Delete|Restore|\*)")  # actions that create, replace or remove objects
+
+
+def load_json(path: Path) -> dict | list:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def statements(policy: dict) -> list[dict]:
+    """A policy's statements with Action and Resource always as lists."""
+    listed = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+    return [{**st, "Action": listed(st["Action"]), "Resource": listed(st["Resource"])} for st in policy["Statement"]]
+
+
+def actions(policy: dict) -> set[str]:
+    return {a for st in statements(policy) if st["Effect"] == "Allow" for a in st["Action"]}
+
+
+def instance_profile(node_type: dict) -> str:
+    """The instance profile's name: arn:aws:iam::<account>:instance-profile/<name>."""
+    return node_type["node_config"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
+
+
+def open_to_the_world(rules: list[dict]) -> list[dict]:
+    """Ingress rules whose source is an address range that is not private (0.0.0.0/0 included)."""
+    return [r for r in rules for ip in r.get("IpRanges", []) + r.get("Ipv6Ranges", [])
+            if not ipaddress.ip_network(ip.get("CidrIp") or ip["CidrIpv6"]).is_private]
+
+
+def test_the_cluster_is_private_and_no_port_is_open_to_the_world() -> None:
+    config = load(INFRA / "ray" / "cluster-aws.yaml")
+    prepared = prepared_cluster_config(config)
+    assert prepared["provider"]["use_internal_ips"] is True  # no public address on any node
+    rules = load_json(INFRA / "ray" / "security-group.json")
+    groups = set()
+    for node_type in prepared["available_node_types"].values():
+        # named group and subnets: Ray creates no default group (that one opens SSH to 0.0.0.0/0)
+        assert node_type["node_config"]["SubnetIds"] and node_type["node_config"]["SecurityGroupIds"]
+        groups |= set(node_type["node_config"]["SecurityGroupIds"])
+    (group,) = groups
+    assert any(pair["GroupId"] == group for r in rules for pair in r.get("UserIdGroupPairs", []))  # node to node
+    ssh = [r for r in rules if r["IpProtocol"] in ("-1", "tcp") and r.get("FromPort", 0) <= 22 <= r.get("ToPort",
+                                                                                                       65535)]
+    assert ssh and not open_to_the_world(rules)
+    assert open_to_the_world([{"IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])  # the check sees what Ray would open
+
+
+def test_workers_get_a_narrower_role_than_the_head() -> None:
+    config = load(INFRA / "ray" / "cluster-aws.yaml")
+    nodes = config["available_node_types"]
+    head_name = instance_profile(nodes[config["head_node_type"]])
+    worker_names = {instance_profile(n) for k, n in nodes.items() if k != config["head_node_type"]}
+    assert head_name not in worker_names and len(worker_names) == 1
+    head = load_json(IAM / f"{head_name.removeprefix('capline-ray-')}-policy.json")
+    worker = load_json(IAM / f"{worker_names.pop().removeprefix('capline-ray-')}-policy.json")
+    assert actions(worker) < actions(head)  # everything a worker may do, the head may do, not the reverse
+    assert not {a for a in actions(worker) if a.startswith(("ec2:", "iam:", "sts:", "ssm:Send", "ssm:Start"))}
+    assert {a for a in actions(head) if a.startswith("ec2:")} >= {"ec2:RunInstances", "ec2:TerminateInstances"}
+    # the head hands out the worker role only, and ends only this cluster's instances
+    passed = [r for st in statements(head) if "iam:PassRole" in st["Action"] for r in st["Resource"]
+              if ":role/" in r]
+    assert passed == ["arn:aws:iam::123456789012:role/capline-ray-worker"]
+    terminate = next(st for st in statements(head) if "ec2:TerminateInstances" in st["Action"])
+    assert terminate["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == config["cluster_name"]
+    for policy in (head, worker):  # secrets: the three named parameters, read only
+        ssm = [st for st in statements(policy) if any(a.startswith("ssm:") for a in st["Action"])]
+        assert [st["Action"] for st in ssm] == [["ssm:GetParameter"]]
+        assert all(":parameter/capline/" in r and "*" not in r for r in ssm[0]["Resource"])
+        init = " ".join(config["initialization_commands"])
+        assert sorted(re.findall(r"--name (\S+)", init)) == sorted(r.split(":parameter", 1)[1]
+                                                                    for r in ssm[0]["Resource"])
+    done = subprocess.run(["bash", "-n", str(IAM / "apply.sh")], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def _ray_storage() -> tuple[str, str]:
+    """(bucket, prefix) of the RayJob's paths.ray_storage: where the sweep state Tune unpickles lives."""
+    entrypoint = kuberay_objects()["RayJob"]["spec"]["entrypoint"]
+    url = re.search(r"paths\.ray_storage=s3://(\S+)", entrypoint).group(1)
+    bucket, prefix = url.split("/", 1)
+    return bucket, prefix.rstrip("/")
+
+
+def writers(policies: dict[str, dict], resource: str) -> set[str]:
+    """Names of the policies that allow writing `resource` (an object ARN)."""
+    return {name for name, policy in policies.items() for st in statements(policy)
+            if st["Effect"] == "Allow" and any(WRITES.match(a) for a in st["Action"])
+            and any(re.fullmatch(re.escape(r).replace(r"\*", ".*"), resource) for r in st["Resource"])}
+
+
+def test_only_the_clusters_roles_can_write_the_sweep_state() -> None:
+    bucket, prefix = _ray_storage()
+    sweep_state = f"arn:aws:s3:::{bucket}/{prefix}/captioner/sweep-0123/tuner.pkl"
+    policy = load_json(IAM / "bucket-policy.json")
+    (deny,) = [st for st in statements(policy) if st["Effect"] == "Deny" and st["Principal"] == "*"
+               and "s3:PutObject" in st["Action"]]
+    assert deny["Resource"] == [f"arn:aws:s3:::{bucket}/{prefix}/*"]
+    assert {"s3:PutObject", "s3:DeleteObject"} <= set(deny["Action"])
+    allowed = deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]
+    roles = {arn.rsplit("/", 1)[1] for arn in allowed}
+    assert roles == {"capline-ray-head", "capline-ray-worker", "capline-ray-pods"}
+    iam = {p.stem: load_json(p) for p in IAM.glob("*-policy.json") if p.stem != "bucket-policy"}
+    assert writers(iam, sweep_state) == {f"{role.removeprefix('capline-ray-')}-policy" for role in roles}
+    assert any(st["Effect"] == "Deny" and st["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+               for st in statements(policy))
+
+
 # ---- KubeRay -------------------------------------------------------------------------------------------------
 # KubeRay's CRD schemas are not available offline. This is the part of them (ray.io/v1) the manifests rely
 # on: the fields the CRDs mark required (headGroupSpec.template; groupName and template per worker group,
@@ -166,7 +276,7 @@ def test_the_kuberay_check_rejects_what_kuberay_would() -> None:
 def test_the_pod_templates_are_valid_kubernetes() -> None:
     import kubernetes_validate
 
-    for template in pod_templates(kuberay_objects()["RayCluster"]["spec"]):
+    for template in all_pod_templates().values():
         pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "capline"},
                         "template": template}
         kubernetes_validate.validate(pod_template, "1.33.0", strict=True)
@@ -193,6 +303,95 @@ def test_every_pod_runs_the_one_image_as_its_non_root_user_with_the_data_pulled(
             images.add(container["image"])
         images.add(pull["image"])
     assert len(images) == 1
+
+
+def restricted_violations(template: dict) -> list[str]:
+    """What keeps a pod template out of Pod Security "restricted" (the fields this project sets)."""
+    spec, found = template["spec"], []
+    pod = spec.get("securityContext") or {}
+    if not pod.get("runAsNonRoot"):
+        found.append("runAsNonRoot")
+    if (pod.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        found.append("seccompProfile")
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        sc = c.get("securityContext") or {}
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{c['name']}: allowPrivilegeEscalation")
+        if (sc.get("capabilities") or {}).get("drop") != ["ALL"] or (sc.get("capabilities") or {}).get("add"):
+            found.append(f"{c['name']}: capabilities")
+        if sc.get("privileged") or sc.get("runAsUser") == 0:
+            found.append(f"{c['name']}: privileged or root")
+    if any("hostPath" in v for v in spec.get("volumes", [])) or spec.get("hostNetwork"):
+        found.append("host access")
+    return found
+
+
+def all_pod_templates() -> dict[str, dict]:
+    """Every pod KubeRay makes from the manifests: head, worker groups, the RayJob's submitter."""
+    objects = kuberay_objects()
+    cluster = objects["RayCluster"]["spec"]
+    return {"head": cluster["headGroupSpec"]["template"],
+            **{g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]},
+            "submitter": objects["RayJob"]["spec"]["submitterPodTemplate"]}
+
+
+def test_every_pod_meets_pod_security_restricted_and_only_the_head_mounts_a_token() -> None:
+    templates = all_pod_templates()
+    assert {name: restricted_violations(t) for name, t in templates.items()} == {name: [] for name in templates}
+    autoscaler = kuberay_objects()["RayCluster"]["spec"]["autoscalerOptions"]["securityContext"]
+    assert autoscaler == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}  # injected sidecar
+    tokens = {name: t["spec"].get("automountServiceAccountToken", True) for name, t in templates.items()}
+    assert tokens == {name: name == "head" for name in templates}  # the head's autoscaler calls the API
+    careless = copy.deepcopy(templates["gpu"])
+    careless["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    del careless["spec"]["securityContext"]["seccompProfile"]
+    assert restricted_violations(careless) == ["seccompProfile", "ray-worker: allowPrivilegeEscalation",
+                                               "ray-worker: capabilities", "ray-worker: privileged or root"]
+
+
+def network_policies() -> dict[str, dict]:
+    docs = load_all(INFRA / "k8s" / "networkpolicy.yaml")
+    assert {d["kind"] for d in docs} == {"NetworkPolicy"}
+    return {d["metadata"]["name"]: d for d in docs}
+
+
+def admitted(policies: dict[str, dict], pod_labels: dict, port: int, peer_labels: dict) -> bool:
+    """Whether an ingress rule of the policies selecting pod_labels lets a pod with peer_labels reach port."""
+    def matches(selector: dict, labels: dict) -> bool:
+        return selector.get("matchLabels", {}).items() <= labels.items()
+
+    for policy in policies.values():
+        if not matches(policy["spec"]["podSelector"], pod_labels):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if (not ports or port in ports) and any(
+                    "podSelector" in peer and "namespaceSelector" not in peer and matches(peer["podSelector"],
+                                                                                         peer_labels)
+                    for peer in rule.get("from", [])):
+                return True
+    return False
+
+
+def test_network_policies_keep_the_ray_ports_to_the_cluster_and_its_submitters() -> None:
+    import kubernetes_validate
+
+    policies = network_policies()
+    for policy in policies.values():
+        kubernetes_validate.validate(policy, "1.33.0", strict=True)
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert not [peer for rule in policy["spec"]["ingress"] for peer in rule["from"] if "ipBlock" in peer]
+    name = kuberay_objects()["RayCluster"]["metadata"]["name"]
+    head = {"ray.io/cluster": name, "ray.io/node-type": "head"}
+    worker = {"ray.io/cluster": name, "ray.io/node-type": "worker"}
+    submitter = all_pod_templates()["submitter"]["metadata"]["labels"]
+    other = {"app": "anything-else"}
+    assert all(admitted(policies, head, port, worker) for port in (6379, 8265, 10001))
+    assert admitted(policies, worker, 12345, head)
+    assert admitted(policies, head, 8265, submitter)
+    assert not admitted(policies, head, 6379, submitter) and not admitted(policies, head, 10001, submitter)
+    assert not any(admitted(policies, head, port, other) for port in (6379, 8265, 10001))
+    assert not admitted(policies, worker, 8265, submitter)
 
 
 def test_the_rayjob_entrypoint_is_a_valid_capline_sweep() -> None:
@@ -280,12 +479,62 @@ def test_the_mlflow_stack_takes_every_secret_from_the_environment() -> None:
     for name, service in services.items():
         for key, value in (service.get("environment") or {}).items():
             if secret.search(key):  # never a literal: ${VAR} from the environment or .env
-                assert re.fullmatch(r"\$\{[A-Z_]+(:[?-][^}]*)?\}", str(value)), f"{name}.{key} = {value!r}"
-                assert f"{re.match(r'.{2}([A-Z_]+)', value).group(1)}=" in example
+                assert re.fullmatch(r"\$\{[A-Z][A-Z0-9_]*(:[?-][^}]*)?\}", str(value)), f"{name}.{key} = {value!r}"
+                assert f"{re.match(r'.{2}([A-Z][A-Z0-9_]*)', value).group(1)}=" in example
         image = service.get("image", "")
         assert image and not image.endswith(":latest") and ":" in image, f"{name}: unpinned image {image!r}"
     assert ".env" in (INFRA / "mlflow" / ".gitignore").read_text().split()
     assert "admin_password" not in (INFRA / "mlflow" / "basic_auth.ini").read_text().replace("# admin", "")
+
+
+MINIO = INFRA / "mlflow" / "minio"
+
+
+def published(service: dict) -> list[str]:
+    """The host addresses a compose service's ports are published on ("" for every interface)."""
+    out = []
+    for port in service.get("ports", []):
+        parts = str(port).split(":")
+        out.append(parts[0] if len(parts) == 3 else "")
+    return out
+
+
+def test_the_mlflow_stack_listens_on_loopback_and_minios_root_account_stays_in_the_setup_job() -> None:
+    services = load(INFRA / "mlflow" / "compose.yaml")["services"]
+    assert {name: set(published(s)) for name, s in services.items() if s.get("ports")} == {
+        "minio": {"127.0.0.1"}, "mlflow": {"127.0.0.1"}}  # other hosts come in through the TLS proxy
+    root = {name for name, s in services.items()
+            if any("MINIO_ROOT_" in str(v) for v in (s.get("environment") or {}).values())}
+    assert root == {"minio", "minio-setup"}
+    env = services["mlflow"]["environment"]
+    assert env["AWS_ACCESS_KEY_ID"] == "${MLFLOW_S3_ACCESS_KEY}" and env["AWS_SECRET_ACCESS_KEY"] == \
+        "${MLFLOW_S3_SECRET_KEY}"
+    assert services["mlflow"]["depends_on"]["minio-setup"] == {"condition": "service_completed_successfully"}
+    setup = services["minio-setup"]
+    assert setup["image"] == services["minio"]["image"] and "./minio:/setup:ro" in setup["volumes"]
+    script = (MINIO / "setup.sh").read_text()
+    granted = re.findall(r'^grant "\$(\w+)_ACCESS_KEY" "\$(\w+)_SECRET_KEY" ([\w-]+)$', script, re.MULTILINE)
+    assert {(a, p) for a, s, p in granted if a == s} == {("MLFLOW_S3", "capline-mlflow"), ("RAY_S3", "capline-ray"),
+                                                        ("DVC_S3", "capline-dvc")}
+    assert {p.stem for p in MINIO.glob("*.json")} == {p for _, _, p in granted}
+    assert "mc anonymous set none local/capline" in script
+    done = subprocess.run(["sh", "-n", str(MINIO / "setup.sh")], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_only_the_ray_clusters_minio_key_can_write_the_sweep_state() -> None:
+    policies = {p.stem: load_json(p) for p in MINIO.glob("*.json")}
+    assert writers(policies, "arn:aws:s3:::capline/ray/lstm_lm/sweep-0123/tuner.pkl") == {"capline-ray"}
+    assert writers(policies, "arn:aws:s3:::mlflow/artifacts/1/abc/artifacts/best.ckpt") == {"capline-mlflow"}
+    assert writers(policies, "arn:aws:s3:::capline/dvc/files/md5/ab/cdef") == {"capline-dvc"}
+    assert writers({"careless": {"Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}},
+                   "arn:aws:s3:::capline/ray/x") == {"careless"}  # the check sees a wildcard grant
+
+
+def test_mlflow_users_see_nothing_they_were_not_granted() -> None:
+    ini = configparser.ConfigParser()
+    ini.read(INFRA / "mlflow" / "basic_auth.ini")
+    assert ini["mlflow"]["default_permission"] == "NO_PERMISSIONS"
 
 
 def test_no_credentials_are_committed_under_infra() -> None:
