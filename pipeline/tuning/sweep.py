@@ -19,7 +19,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from pipeline import tracking
 from pipeline.params import Params, SweepFamilyParams
 from pipeline.training.fit import FAMILIES, MONITOR
-from pipeline.tuning import records
+from pipeline.tuning import records, state
 from pipeline.tuning.results import SweepResult, metric_figure, summarise
 from pipeline.tuning.space import search_space
 from pipeline.tuning.trial import TrialContext, metric_key, multi_worker_trial, single_worker_trial
@@ -84,25 +84,18 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def _filesystem(path: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path on it) for a local path or a storage URI."""
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
-
-
 def _remove(path: str) -> None:
     """Delete a folder of Ray storage if it exists (local or remote)."""
     if "://" not in path:
         shutil.rmtree(path, ignore_errors=True)
         return
-    fs, inner = _filesystem(path)
+    fs, inner = state.filesystem(path)
     if fs.get_file_info(inner).type != pafs.FileType.NotFound:
         fs.delete_dir(inner)
 
 
 def _read_done(path: str) -> dict | None:
-    fs, inner = _filesystem(f"{path}/{DONE_FILE}")
+    fs, inner = state.filesystem(f"{path}/{DONE_FILE}")
     if fs.get_file_info(inner).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(inner) as fh:
@@ -115,7 +108,7 @@ def _write_done(path: str, summary: dict) -> None:
 
         write_json(Path(path) / DONE_FILE, summary)
         return
-    fs, inner = _filesystem(f"{path}/{DONE_FILE}")
+    fs, inner = state.filesystem(f"{path}/{DONE_FILE}")
     with fs.open_output_stream(inner) as fh:
         fh.write(json.dumps(summary, indent=2).encode("utf-8"))
 
@@ -174,6 +167,7 @@ def _tuner(ctx: TrialContext, s: SweepFamilyParams, path: str, seed: int) -> tun
                                   reuse_actors=s.num_workers == 1)
     run_config = tune.RunConfig(
         name=name, storage_path=storage, verbose=0, failure_config=tune.FailureConfig(max_failures=s.max_failures),
+        callbacks=[state.SealState(path)],  # records each save's digests in the parent run
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=key,
                                                 checkpoint_score_order=mode))
     return tune.Tuner(_trainable(ctx), param_space=search_space(s.space), tune_config=tune_config,
@@ -220,11 +214,17 @@ def run_sweep(p: Params, family: str, *, address: str | None = None, resume: boo
             _check_resources(s, family)
         tracking.mark_stale_runs(uri, experiment)  # runs of a crashed sweep end KILLED, not RUNNING forever
         restore = resume and tune.Tuner.can_restore(path)
-        if not restore:
+        found = _find_parent(uri, experiment, name) if restore else None
+        if restore and found is None:  # nothing to check the saved state against: never unpickle it
+            log.warning("sweep %s: %s has no MLflow run recording its state; starting over", family, path)
+            restore = False
+        if restore:  # before Tune reads any of it: every pickled file is one this sweep recorded
+            state.verify(path, state.recorded_digests(found["tags"]))
+        else:
             _remove(path)
             _remove(f"{path}.train")
-        found = _find_parent(uri, experiment, name) if restore else None
         parent = found["run_id"] if found else _new_parent(p, family, name, path, lineage, uri)
+        state.SealState.TARGETS[path] = (uri, parent)
         ctx = TrialContext(family, p.to_dict(), root, name, f"{path}.train", uri, experiment, parent, lineage,
                            s.num_workers, s.use_gpu, s.cpus_per_worker, s.gpus_per_worker, s.max_epochs,
                            s.epoch_fraction)
@@ -249,11 +249,13 @@ def _run(ctx: TrialContext, s: SweepFamilyParams, path: str, seed: int, restore:
             tuner = tune.Tuner.restore(path, trainable=_trainable(ctx), resume_errored=True)
         else:
             tuner = _tuner(ctx, s, path, seed)
+        state.seal_storage(ctx.uri, ctx.parent_run_id, path)  # tuner.pkl, written when the Tuner is made
         grid = tuner.fit()
         result = _result(ctx, s, path, seed, grid, started)
         records.finish_children(result, ctx, grid)
         log_summary(result, s.space)
         _write_done(path, result.to_metrics())
+        state.seal_storage(ctx.uri, ctx.parent_run_id, path)
         status = "FINISHED"
         return result
     except KeyboardInterrupt:
