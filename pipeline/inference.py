@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.images import ImageSkip, load_image
+from pipeline.data.images import ImageLimits, ImageSkip, load_image
 from pipeline.data.tokenize import tokenize
 from pipeline.data.vocab import END_ID
 from pipeline.decoding import beam_search, generate_text
@@ -42,15 +45,22 @@ def load_images(paths: list[Path], size: int) -> np.ndarray:
 
 
 @torch.no_grad()
+def caption_array(module: CaptioningModule, images: np.ndarray, beam_size: int,
+                  alpha: float) -> list[tuple[list[str], torch.Tensor | None]]:
+    """Beam-search captions of prepared images (B, 3, S, S) uint8: each caption's words and attention."""
+    batch = torch.from_numpy(images).to(module.device)
+    memory = module.model.encode(batch)
+    result = beam_search(module.model, memory, len(images), beam_size, module.model_cfg.max_len, alpha)
+    vocab = module.vocab_tokens
+    attention = result.attention or [None] * len(images)
+    return [([vocab[t] for t in tokens], att) for tokens, att in zip(result.tokens, attention, strict=True)]
+
+
 def caption_images(module: CaptioningModule, paths: list[Path], beam_size: int, alpha: float) -> list[Caption]:
     """Beam-search captions for image files."""
-    images = torch.from_numpy(load_images(paths, int(module.hparams["image_size"]))).to(module.device)
-    memory = module.model.encode(images)
-    result = beam_search(module.model, memory, len(paths), beam_size, module.model_cfg.max_len, alpha)
-    vocab = module.vocab_tokens
-    attention = result.attention or [None] * len(paths)
-    return [Caption(path, [vocab[t] for t in tokens], att)
-            for path, tokens, att in zip(paths, result.tokens, attention, strict=True)]
+    images = load_images(paths, int(module.hparams["image_size"]))
+    return [Caption(path, words, att) for path, (words, att) in
+            zip(paths, caption_array(module, images, beam_size, alpha), strict=True)]
 
 
 def attention_strip(image: np.ndarray, words: list[str], attention: torch.Tensor, cell: int = 128) -> Image.Image:
@@ -94,16 +104,64 @@ def generate(module: LanguageModelModule, prompt: str, length: int, temperature:
     return prompt + " " + " ".join("\n" if i == END_ID else vocab[i] for i in ids)
 
 
-def caption_bytes(module: CaptioningModule, images: list[bytes | str], beam_size: int, alpha: float) -> list[str]:
-    """Captions for encoded images given as bytes or base64 text (what a served model receives)."""
-    import base64
-    import tempfile
+class BadRecord(ValueError):
+    """A record of a request that cannot be used; the message names the record (0-based) and the problem."""
 
-    paths = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, data in enumerate(images):
-            raw = base64.b64decode(data) if isinstance(data, str) else bytes(data)
-            path = Path(tmp) / f"image{i}"
-            path.write_bytes(raw)
-            paths.append(path)
-        return [c.text for c in caption_images(module, paths, beam_size, alpha)]
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(f"record {index}: {problem}")
+        self.index, self.problem = index, problem
+
+
+class BadRecords(ValueError):
+    """Every bad record of a request, one message: "record 1: ...; record 3: ..."."""
+
+    def __init__(self, bad: list[BadRecord]) -> None:
+        super().__init__("; ".join(str(b) for b in bad))
+        self.bad = bad
+
+
+def record_bytes(index: int, value: object, column: str) -> bytes:
+    """The encoded image of one record: bytes as given, text as base64 (whitespace allowed, nothing else)."""
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+    elif isinstance(value, str):
+        try:  # validate: b64decode would otherwise drop every non-alphabet character and decode the rest
+            raw = base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRecord(index, f"'{column}' is not valid base64") from None
+    elif value is None or (isinstance(value, float) and math.isnan(value)):
+        raise BadRecord(index, f"no '{column}' (send {{\"{column}\": \"<base64 of an image file>\"}})")
+    else:
+        raise BadRecord(index, f"'{column}' must be base64 text, not {type(value).__name__}")
+    if not raw:
+        raise BadRecord(index, f"'{column}' is empty")
+    return raw
+
+
+def caption_bytes(module: CaptioningModule, images: list[object], beam_size: int, alpha: float,
+                  max_pixels: int | None = None, column: str = "image") -> list[str]:
+    """Captions for encoded images given as bytes or base64 text (what a served model receives).
+
+    Images are decoded one at a time and shrunk at once, so memory holds one full-size image; an image
+    of more than max_pixels (width x height, from its header) is refused before any pixel is decoded.
+    Bad records raise BadRecords naming each of them; nothing is captioned then.
+    """
+    size = int(module.hparams["image_size"])
+    limits = ImageLimits(max_bytes=None, max_pixels=max_pixels)
+    arrays, bad = [], []
+    with tempfile.TemporaryDirectory(prefix="capline-records-") as tmp:
+        path = Path(tmp) / "record"  # decoded as prepare_coco decodes files (one file, rewritten per record)
+        for i, value in enumerate(images):
+            try:
+                path.write_bytes(record_bytes(i, value, column))
+                arrays.append(load_image(path, size, limits))
+            except BadRecord as err:
+                bad.append(err)
+            except ImageSkip as err:
+                message = str(err).replace(str(path), "<record>")  # never show a server path
+                bad.append(BadRecord(i, f"'{column}' cannot be used ({err.reason}: {message})"))
+    if bad:
+        raise BadRecords(bad)
+    if not arrays:
+        return []
+    return [" ".join(words) for words, _ in caption_array(module, np.stack(arrays), beam_size, alpha)]

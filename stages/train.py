@@ -15,6 +15,7 @@ from pipeline.io import read_json, write_json
 from pipeline.params import Params, apply_overrides, load_params, validate_params
 from pipeline.runtime import set_threads
 from pipeline.training.fit import FAMILIES, train
+from stages import entry
 
 
 def with_best_config(p: Params, family: str) -> tuple[Params, dict]:
@@ -40,8 +41,10 @@ def run(p: Params, family: str, resume: bool = False, best: bool = False, regist
     if register and result.run_id:
         from pipeline import tracking
 
+        served = {"beam_size": p.evaluate.beam_size, "alpha": p.evaluate.alpha,  # serve as evaluation decodes
+                  "sample_length": p.evaluate.sample_length, **p.serve.model_dump()}
         metrics["registered"] = tracking.register_checkpoint(
-            p.tracking.uri, result.run_id, family, result.best_checkpoint, alias="champion")
+            p.tracking.uri, result.run_id, family, result.best_checkpoint, served, alias="champion")
     write_json(Path(p.paths.metrics) / f"train_{family}.json", metrics)
     print(f"train {family}: best {result.monitor} {result.best_score:.4f} after {result.epochs} epochs; "
           f"checkpoint {result.best_checkpoint}")
@@ -53,7 +56,7 @@ def main() -> None:
     if not args or args[0] not in FAMILIES or set(args[1:]) - {"--best"}:
         sys.exit(f"usage: python -m stages.train {{{','.join(FAMILIES)}}} [--best]")
     best = "--best" in args
-    run(load_params(), args[0], best=best, register=best)
+    entry(lambda: run(load_params(), args[0], best=best, register=best))
 
 
 if __name__ == "__main__":

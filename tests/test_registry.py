@@ -1,4 +1,5 @@
-"""train@ with registration: the checkpoint becomes a pyfunc model, capline-<family>@champion, that predicts."""
+"""train@ with registration: the checkpoint becomes a models-from-code pyfunc model, capline-<family>@champion,
+sealed by the digests of its files, that decodes with the params evaluation uses."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pytest
+import yaml
 
+from pipeline import tracking
+from pipeline.tracking.registry import DIGESTS_TAG, compare_files, serve_command
 from stages import train as train_stage
 from tests.conftest import params_under
 
 
-def test_registered_champion_loads_and_predicts(prepared_params, tmp_path):
-    p = params_under(prepared_params, tmp_path)
+def test_registered_champion_loads_and_predicts_with_the_evaluate_settings(prepared_params, tmp_path):
+    p = params_under(prepared_params, tmp_path, **{"evaluate.sample_length": 7, "evaluate.beam_size": 4,
+                                                    "evaluate.alpha": 0.3, "serve.temperature": 0.6})
     uri = p.tracking.uri
     best = Path(p.paths.sweeps) / "lstm_lm" / "best.json"
     best.parent.mkdir(parents=True)
@@ -24,6 +30,40 @@ def test_registered_champion_loads_and_predicts(prepared_params, tmp_path):
     mlflow.set_tracking_uri(uri)
     version = mlflow.MlflowClient().get_model_version_by_alias("capline-lstm_lm", "champion")
     assert version.run_id == metrics["run_id"]
-    model = mlflow.pyfunc.load_model("models:/capline-lstm_lm@champion")
+    fetched = tracking.fetch_model(uri, "lstm_lm", "champion", tmp_path / "fetched")
+    folder = Path(fetched["path"])
+    files = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file()}
+    assert json.loads(version.tags[DIGESTS_TAG]).keys() == files - {"registered_model_meta"}
+
+    # models-from-code: the code is a file, the settings are data, the weights a checkpoint; nothing pickled
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
+    assert mlmodel["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in mlmodel
+    assert mlmodel["config"] == {"family": "lstm_lm", "beam_size": 4, "alpha": 0.3, "sample_length": 7,
+                                       "temperature": 0.6, "max_records": p.serve.max_records,
+                                       "max_image_pixels": p.serve.max_image_pixels}
+    assert not [f for f in folder.rglob("*") if f.suffix == ".pkl"]
+
+    model = mlflow.pyfunc.load_model(str(folder))
     out = model.predict(pd.DataFrame({"prompt": ["The ", "def "]}))
     assert len(out) == 2 and out[0].startswith("The ") and out[1].startswith("def ")
+    assert [len(o) for o in out] == [len("The ") + 7, len("def ") + 7]  # char-level: evaluate.sample_length chars
+
+
+def test_file_digests_are_compared_file_by_file():
+    recorded = {"MLmodel": "a" * 64, "artifacts/best.ckpt": "b" * 64, "python_env.yaml": "c" * 64}
+    found = {"MLmodel": "a" * 64, "artifacts/best.ckpt": "d" * 64, "python_model.pkl": "e" * 64}
+    assert compare_files(found, recorded) == [
+        "artifacts/best.ckpt: changed since registration (sha256 dddddddddddd, registered "
+        "bbbbbbbbbbbb)", "python_env.yaml: missing", "python_model.pkl: not part of the registered model"]
+    assert compare_files(recorded, recorded) == []
+
+
+def test_the_server_refuses_pickles_and_takes_the_serve_time_caps(tmp_path):
+    argv, env = serve_command(tmp_path, "127.0.0.1", 5005, 2, {"max_records": 3, "max_image_pixels": 100,
+                                                             "temperature": 0.5})
+    assert argv[1:4] == ["-m", "uvicorn", "--host"] and argv[-1] == "mlflow.pyfunc.scoring_server.app:app"
+    assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    assert json.loads(env["SERVING_MODEL_CONFIG"]) == {"max_records": 3, "max_image_pixels": 100, "temperature": 0.5}
+    assert str(tmp_path) in " ".join(env.values())
+    with pytest.raises(ValueError, match="unknown \\['beam_size'\\]"):
+        serve_command(tmp_path, overrides={"beam_size": 9})

@@ -1,4 +1,5 @@
-"""`capline serve`: the registered captioner behind `mlflow models serve`, captioning an image over REST."""
+"""`capline serve`: the registered captioner behind MLflow's scoring server, captioning an image over REST
+with the decoding settings evaluation uses."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.inference import caption_bytes
+from pipeline.params import Params
 from pipeline.training.fit import load_module
 from stages import train as train_stage
 from tests.conftest import ROOT, params_under
@@ -67,25 +69,36 @@ def post(url: str, payload: dict) -> dict:
         return json.loads(resp.read())
 
 
-def test_served_champion_captions_an_image_like_the_model_does(prepared_params, tmp_path):
-    p = params_under(prepared_params, tmp_path)
+def register_captioner(p: Params) -> dict:
+    """Train the tiny captioner with the sweep's (empty) best config and register it as champion."""
     best = Path(p.paths.sweeps) / "captioner" / "best.json"
     best.parent.mkdir(parents=True)
     best.write_text(json.dumps({"overrides": {}}))
-    trained = train_stage.run(p, "captioner", best=True, register=True)
+    return train_stage.run(p, "captioner", best=True, register=True)
+
+
+def start_server(p: Params, root: Path, *overrides: str) -> tuple[subprocess.Popen, str, Path]:
+    """`capline serve captioner` on a free port of 127.0.0.1 (its own process group); (process, url, log)."""
+    port = free_port()
+    log = root / "serve.log"
+    cmd = [sys.executable, "-m", "pipeline", "serve", "captioner", "--port", str(port), "--host", "127.0.0.1",
+           "--params", str(ROOT / "params.yaml"), "--set", f"tracking.uri={p.tracking.uri}",
+           *(arg for o in overrides for arg in ("--set", o))]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def test_served_champion_captions_an_image_like_evaluation_does(prepared_params, tmp_path):
+    p = params_under(prepared_params, tmp_path, **{"evaluate.beam_size": 4, "evaluate.alpha": 0.2})
+    trained = register_captioner(p)
     images = sorted((Path(p.data.coco.images)).glob("*.jpg"))[:2]
     raw = [path.read_bytes() for path in images]
     module = load_module("captioner", trained["best_checkpoint"])
-    expected = caption_bytes(module, raw, beam_size=3, alpha=0.7)  # the registered model's decoding settings
+    expected = caption_bytes(module, raw, p.evaluate.beam_size, p.evaluate.alpha)  # evaluation's decoding
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "pipeline", "serve", "captioner", "--port", str(port), "--host", "127.0.0.1",
-           "--params", str(ROOT / "params.yaml"), "--set", f"tracking.uri={p.tracking.uri}"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    proc, url, log = start_server(p, tmp_path)
     try:
         wait_until_up(proc, url, log)
         body = post(url, {"dataframe_records": [{"image": base64.b64encode(b).decode("ascii")} for b in raw]})

@@ -2,8 +2,10 @@
 
 Runs live in a database store (default `sqlite:///mlflow.db`) or a tracking server; file stores (./mlruns)
 are refused. `store` reaches the store, `runs` starts, ends and logs into runs, `lineage` makes the lineage
-tags, `lookups` reads runs back as plain data, `registry` registers and serves models. Everything is
-re-exported here: callers write `from pipeline import tracking` and `tracking.start_run(...)`.
+tags, `lookups` reads runs back as plain data, `registry` registers models (sealed by file digests), fetches
+them back checked and serves them; `served_model` is a registered model's code (logged as a file, never
+imported here). Everything is re-exported here: callers write `from pipeline import tracking` and
+`tracking.start_run(...)`.
 """
 
 from pipeline.tracking.lineage import lineage_tags, params_hash
@@ -18,7 +20,7 @@ from pipeline.tracking.lookups import (
     run_exists,
     tag_filter,
 )
-from pipeline.tracking.registry import CaplineModel, register_checkpoint, serve_command
+from pipeline.tracking.registry import fetch_model, register_checkpoint, serve_command
 from pipeline.tracking.runs import (
     END_STATUSES,
     HOST_TAG,
@@ -38,13 +40,13 @@ from pipeline.tracking.runs import (
     set_tags,
     start_run,
 )
-from pipeline.tracking.store import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, PROBE_TIMEOUT, check_server, configure
+from pipeline.tracking.store import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, PROBE_TIMEOUT, check_server, configure, use
 
 __all__ = [
     "END_STATUSES", "HOST_TAG", "MAX_KEY", "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "PID_TAG", "PROBE_TIMEOUT",
-    "CaplineModel", "TrackedRun", "check_server", "child_runs", "configure", "create_run", "end_run", "find_runs",
+    "TrackedRun", "check_server", "child_runs", "configure", "create_run", "end_run", "fetch_model", "find_runs",
     "flatten", "get_run", "latest_sweep", "lightning_logger", "lineage_tags", "list_artifacts",
     "load_artifact_dict", "log_artifact", "log_dict", "log_figure", "log_metrics", "log_params_flat",
     "mark_stale_runs", "metric_history", "params_hash", "register_checkpoint", "reopen_run", "run_exists",
-    "serve_command", "set_tags", "start_run", "tag_filter",
+    "serve_command", "set_tags", "start_run", "tag_filter", "use",
 ]

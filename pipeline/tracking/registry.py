@@ -1,67 +1,168 @@
-"""The model registry: a checkpoint as an MLflow pyfunc model, registered as capline-<family>@alias, and
-the command that serves it."""
+"""The model registry: a checkpoint as an MLflow pyfunc model, registered as capline-<family>@alias with the
+sha256 of each of its files, fetched back only when every file still matches, and the server that serves it.
+
+Trust: the registry (the tracking database) is trusted, the artifact store (mlartifacts/, MinIO/S3 on a
+cluster) is not. A registered model is code-free data plus one code file: MLflow's models-from-code logs
+`served_model.py`, its settings as model_config and the checkpoint (read weights_only), so no pickle is
+written or read. Anyone who can write to the artifact store could still replace that code file, so the
+digests of every file are kept in the registry as a model-version tag and `fetch_model` refuses a model whose
+files differ in any way (changed, missing or added) before anything of it is loaded.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shlex
 import sys
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.store import use
+from pipeline.tracking.store import MAX_TAG_VALUE, use
+
+MODEL_CODE = Path(__file__).with_name("served_model.py")  # logged as the model's code, never imported by it
+DIGESTS_TAG = "capline.sha256"  # model-version tag: {relative path: sha256} of every file of the model
+CONFIG_KEYS = ("beam_size", "alpha", "sample_length", "temperature", "max_records", "max_image_pixels")
+SERVE_KEYS = ("temperature", "max_records", "max_image_pixels")  # what `capline serve` may override
+# explicit: inferring them would load the model in a subprocess (slow)
+REQUIREMENTS = ["torch", "pytorch-lightning", "pillow", "numpy", "nltk", "pydantic"]
+CHUNK = 1 << 20
+# written by MLflow's client into every download of models:/<name>/<version> (the name and version), never
+# read back: not part of what was registered, and overwritten whatever the store holds under that name
+CLIENT_FILES = {"registered_model_meta"}
 
 
-class CaplineModel(mlflow.pyfunc.PythonModel):
-    """A trained capline checkpoint as an MLflow pyfunc model.
-
-    Captioner: a DataFrame with an `image` column of encoded image bytes (or base64 text) -> captions.
-    Language models: a `prompt` column -> the prompt continued by `length` sampled tokens.
-    """
-
-    def __init__(self, family: str, beam_size: int = 3, alpha: float = 0.7, length: int = 200,
-                 temperature: float = 0.8) -> None:
-        self.family, self.beam_size, self.alpha = family, beam_size, alpha
-        self.length, self.temperature = length, temperature
-
-    def load_context(self, context: Any) -> None:
-        from pipeline.training.fit import load_module
-
-        self.module = load_module(self.family, context.artifacts["checkpoint"])
-
-    def predict(self, context, model_input, params=None):  # no hints: MLflow would try to enforce them
-        from pipeline import inference
-
-        if self.family == "captioner":
-            return inference.caption_bytes(self.module, list(model_input["image"]), self.beam_size, self.alpha)
-        return [inference.generate(self.module, str(prompt), self.length, self.temperature)
-                for prompt in model_input["prompt"]]
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def register_checkpoint(uri: str, run_id: str, family: str, checkpoint: str | Path,
+def file_digests(folder: Path) -> dict[str, str]:
+    """{path relative to folder: sha256} of every file under it; anything but files and folders is an error."""
+    digests = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise ValueError(f"{rel}: not a regular file")
+        if path.is_file() and rel not in CLIENT_FILES:
+            digests[rel] = sha256(path)
+    return digests
+
+
+def compare_files(found: Mapping[str, str], recorded: Mapping[str, str]) -> list[str]:
+    """One line per file that differs from the recorded digests: changed, missing or not part of the model."""
+    problems = []
+    for rel in sorted(set(found) | set(recorded)):
+        if rel not in recorded:
+            problems.append(f"{rel}: not part of the registered model")
+        elif rel not in found:
+            problems.append(f"{rel}: missing")
+        elif found[rel] != recorded[rel]:
+            problems.append(f"{rel}: changed since registration (sha256 {found[rel][:12]}, "
+                            f"registered {recorded[rel][:12]})")
+    return problems
+
+
+def served_config(family: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model_config of a registered model; a missing or unknown key is an error naming it."""
+    unknown, missing = set(config) - set(CONFIG_KEYS), set(CONFIG_KEYS) - set(config)
+    if unknown or missing:
+        raise ValueError(f"served model config: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    return {"family": family, **{k: config[k] for k in CONFIG_KEYS}}
+
+
+def register_checkpoint(uri: str, run_id: str, family: str, checkpoint: str | Path, config: Mapping[str, Any],
                         alias: str = "champion") -> dict[str, str]:
-    """Log `checkpoint` as a pyfunc model in run `run_id` and register it as `capline-<family>`@alias."""
+    """Log `checkpoint` as a models-from-code pyfunc in run `run_id`, register it as `capline-<family>`,
+    record the sha256 of each of its files on the version, then point `alias` at it.
+
+    config: beam_size, alpha, sample_length (decoding as evaluation does it), temperature, max_records,
+    max_image_pixels; stored in the model's MLmodel as model_config.
+    """
+    model_config = served_config(family, config)
     use(uri)
     client = MlflowClient()
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=CaplineModel(family), artifacts={"checkpoint": str(checkpoint)},
-            # explicit requirements: inferring them would load the model in a subprocess (slow)
-            pip_requirements=["torch", "pytorch-lightning", "pillow", "numpy", "nltk", "pydantic"])
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), model_config=model_config,
+                                       artifacts={"checkpoint": str(checkpoint)}, pip_requirements=REQUIREMENTS)
+    with tempfile.TemporaryDirectory(prefix="capline-register-") as tmp:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp))
+        digests = file_digests(folder)
+    _check_uploaded(digests, Path(checkpoint))
+    manifest = json.dumps(digests, sort_keys=True)
+    if len(manifest) > MAX_TAG_VALUE:
+        raise ValueError(f"{info.model_uri}: {len(digests)} files, too many to record their digests")
     name = f"capline-{family}"
     version = mlflow.register_model(info.model_uri, name)
-    client.set_registered_model_alias(name, alias, version.version)
+    client.set_model_version_tag(name, version.version, DIGESTS_TAG, manifest)
+    client.set_registered_model_alias(name, alias, version.version)  # last: the alias never names an unsealed one
     return {"name": name, "version": str(version.version), "alias": alias, "uri": f"models:/{name}@{alias}"}
 
 
-def serve_command(uri: str, family: str, alias: str = "champion", host: str = "127.0.0.1", port: int = 5001,
-                  workers: int = 1) -> tuple[list[str], dict[str, str]]:
-    """argv and extra environment of `mlflow models serve` for `capline-<family>@alias` from the store at uri.
+def _check_uploaded(digests: Mapping[str, str], checkpoint: Path) -> None:
+    """The uploaded code and checkpoint are the ones given (what the digests seal is what was logged)."""
+    expected = {MODEL_CODE.name: sha256(MODEL_CODE), f"artifacts/{checkpoint.name}": sha256(checkpoint)}
+    wrong = [rel for rel, digest in expected.items() if digests.get(rel) != digest]
+    if wrong:
+        raise ValueError(f"the logged model's {', '.join(wrong)} differ from the files logged; register again")
 
-    `--env-manager local`: the model runs in this environment (capline and torch are already here).
+
+def fetch_model(uri: str, family: str, alias: str, dest: str | Path) -> dict[str, str]:
+    """Download `capline-<family>@alias` into dest (an empty folder) and check every file against the digests
+    recorded at registration; ValueError naming each file that differs, before anything of it is loaded."""
+    name = f"capline-{family}"
+    use(uri)
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        raise ValueError(f"models:/{name}@{alias}: no such registered model version ({err.message}); "
+                         f"register one: dvc repro train@{family}") from None
+    where = f"models:/{name}@{alias} (version {version.version})"
+    recorded = version.tags.get(DIGESTS_TAG)
+    if recorded is None:
+        raise ValueError(f"{where}: registered without file digests (an older capline); register it again: "
+                         f"dvc repro train@{family}")
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
+                                                      dst_path=str(dest)))
+    problems = compare_files(file_digests(folder), json.loads(recorded))
+    if problems:
+        raise ValueError(f"{where}: refusing to load it, its files differ from those registered (the artifact "
+                         f"store was written to since): {'; '.join(problems)}")
+    return {"name": name, "version": str(version.version), "alias": alias, "path": str(folder),
+            "uri": f"models:/{name}@{alias}"}
+
+
+def serve_command(model_dir: str | Path, host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
+                  overrides: Mapping[str, Any] | None = None) -> tuple[list[str], dict[str, str]]:
+    """argv and extra environment of MLflow's scoring server for a fetched (checked) model folder.
+
+    The command is the one `mlflow models serve --env-manager local` runs (uvicorn with MLflow's scoring
+    app), started directly so that the checked folder is served as it is, not copied again. overrides:
+    serve-time values of SERVE_KEYS replacing those registered. Pickled models are refused outright.
     """
-    model_uri = f"models:/capline-{family}@{alias}"
-    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "--host", host, "--port", str(port), "--workers", str(workers)]
-    return argv, {"MLFLOW_TRACKING_URI": uri}
+    from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
+    from mlflow.pyfunc import scoring_server
+
+    unknown = set(overrides or {}) - set(SERVE_KEYS)
+    if unknown:
+        raise ValueError(f"serve overrides: unknown {sorted(unknown)}; known: {', '.join(SERVE_KEYS)}")
+    command, full_env = scoring_server.get_cmd(str(model_dir), port, host, None, workers)
+    argv = shlex.split(command)
+    if argv[0] == "uvicorn":  # this interpreter's uvicorn, whatever PATH holds
+        argv = [sys.executable, "-m", "uvicorn", *argv[1:]]
+    env = {k: full_env[k] for k in (scoring_server._SERVER_MODEL_PATH, "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT")
+           if k in full_env}
+    env[MLFLOW_ALLOW_PICKLE_DESERIALIZATION.name] = "false"
+    if overrides:
+        env[scoring_server.SERVING_MODEL_CONFIG] = json.dumps(dict(overrides))
+    return argv, env

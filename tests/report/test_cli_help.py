@@ -36,7 +36,7 @@ def test_help_pages_list_the_options_with_their_text():
     assert top.exit_code == 0 and "report" in top.output and "serve" in top.output
     serve = runner.invoke(app, ["serve", "--help"], terminal_width=200)
     assert serve.exit_code == 0
-    for text in ("--port", "Port to listen on", "--alias", "Registry alias", "mlflow models serve"):
+    for text in ("--port", "Port to listen on", "--alias", "Registry alias", "scoring server"):
         assert text in serve.output
     report = runner.invoke(app, ["report", "--help"], terminal_width=200)
     assert "--screenshot" in report.output and "headless Chromium" in report.output
