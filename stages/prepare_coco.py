@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.coco import prepare_coco
-from pipeline.io import write_json
+from pipeline.io import remove_stale_temporaries, write_json
 from pipeline.params import Params, load_params
+from stages import entry
 
 
 def run(p: Params) -> dict[str, Any]:
@@ -23,9 +24,12 @@ def run(p: Params) -> dict[str, Any]:
         val_annotations=src.val_annotations, val_images=src.val_images,
         image_size=c.image_size, val=c.split.val, test=c.split.test, seed=p.seed,
         max_skipped_fraction=c.max_skipped_fraction, workers=c.workers, chunk_size=c.chunk_size,
-        max_caption_tokens=c.max_caption_tokens,
+        max_caption_tokens=c.max_caption_tokens, max_image_bytes=c.max_image_bytes,
+        max_image_pixels=c.max_image_pixels,
     )
-    write_json(Path(p.paths.metrics) / "prepare_coco.json", stats)
+    metrics = Path(p.paths.metrics) / "prepare_coco.json"
+    remove_stale_temporaries(metrics)  # a write_json temporary left by a killed run
+    write_json(metrics, stats)
     sp = stats["splits"]
     print(f"prepare_coco: {stats['images']:,} images (train {sp['train']:,} / val {sp['val']:,} / "
           f"test {sp['test']:,}), {stats['captions']:,} captions, {stats['skipped_images']:,} images and "
@@ -35,7 +39,7 @@ def run(p: Params) -> dict[str, Any]:
 
 
 def main() -> None:
-    run(load_params())
+    entry(lambda: run(load_params()))
 
 
 if __name__ == "__main__":

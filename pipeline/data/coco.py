@@ -2,34 +2,55 @@
 
 Output under `out_dir` (written whole, atomically): <split>/images.npy (N, 3, S, S) uint8,
 <split>/captions.jsonl (one line per array row) and manifest.json (counts and sha256 of every file).
+
+Before splitting, every image file is checked and hashed: only regular files whose resolved path lies
+inside their images folder are read (no links out, no FIFOs or devices), at most max_image_bytes each,
+and an image whose bytes an earlier image (lower id, main file first) already has is skipped, so that one
+picture never lands in two splits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.data.images import DECODE_REASONS, Decoder, Route, progress_bar, sha256_file, write_stream
-from pipeline.io import atomic_dir, write_json
+from pipeline.data.images import (
+    DECODE_REASONS,
+    Decoder,
+    ImageLimits,
+    ImageSkip,
+    Route,
+    progress_bar,
+    read_file,
+    resolve_workers,
+    sha256_file,
+    write_stream,
+)
+from pipeline.io import atomic_dir, claimed, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-RECORD_REASONS = ("bad_image_record", "duplicate_image_id", "duplicate_file_name", "no_valid_caption")
+RECORD_REASONS = ("bad_image_record", "outside_images_folder", "duplicate_image_id", "duplicate_file_name",
+                  "duplicate_content", "no_valid_caption")
 CAPTION_REASONS = ("bad_caption_record", "unknown_image_id", "non_string_caption", "empty_caption")
 IMAGE_REASONS = RECORD_REASONS + DECODE_REASONS  # these count towards max_skipped_fraction
 REASONS = IMAGE_REASONS + CAPTION_REASONS
 EXAMPLES_PER_REASON = 3
+PROGRESS_EVERY = 256  # files checked per progress-bar update
 
 
 class CocoFormatError(ValueError):
@@ -80,11 +101,29 @@ class Skips:
                          for r, n in self.counts.items() if n)
 
 
+class HugeInt:
+    """A JSON integer with more digits than Python converts (sys.get_int_max_str_digits); never a valid id."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits:,} digits>"
+
+
+def _parse_int(text: str) -> int | HugeInt:
+    """json's parse_int: a too-long integer becomes a HugeInt (a record to skip), not a ValueError for the file."""
+    try:
+        return int(text)
+    except ValueError:
+        return HugeInt(len(text.lstrip("-")))
+
+
 def load_annotations(path: str | Path) -> dict[str, Any]:
     """Parse a COCO captions JSON and check its top level; CocoFormatError names the file and key."""
     path = Path(path)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"), parse_int=_parse_int)
     except FileNotFoundError:
         raise CocoFormatError(f"{path}: captions file not found") from None
     except OSError as err:
@@ -94,6 +133,9 @@ def load_annotations(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise CocoFormatError(f"{path}: not valid JSON: {err.msg} at line {err.lineno} "
                               f"column {err.colno}") from None
+    except RecursionError:
+        raise CocoFormatError(f"{path}: JSON nested too deeply (limit: about {sys.getrecursionlimit():,} "
+                              f"levels); expected COCO's flat lists of records") from None
     if not isinstance(data, dict):
         raise CocoFormatError(f"{path}: expected a JSON object with keys 'images' and 'annotations', "
                               f"got {type(data).__name__}")
@@ -107,6 +149,16 @@ def load_annotations(path: str | Path) -> dict[str, Any]:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int_problem(field: str, value: object) -> str | None:
+    """Why `value` is not a usable integer id, or None."""
+    if isinstance(value, HugeInt):
+        return f"field '{field}': expected an integer of at most {sys.get_int_max_str_digits():,} digits, " \
+               f"got {value!r}"
+    if not _is_int(value):
+        return f"field '{field}': expected an integer, got {value!r}"
+    return None
 
 
 def _not_utf8(text: str) -> str | None:
@@ -125,8 +177,9 @@ def _image_problem(entry: object) -> str | None:
     for key in ("id", "file_name"):
         if key not in entry:
             return f"missing field '{key}'"
-    if not _is_int(entry["id"]):
-        return f"field 'id': expected an integer, got {entry['id']!r}"
+    bad_id = _int_problem("id", entry["id"])
+    if bad_id:
+        return bad_id
     name = entry["file_name"]
     if not isinstance(name, str) or not name.strip():
         return f"field 'file_name': expected a non-empty string, got {name!r}"
@@ -142,8 +195,9 @@ def _caption_problem(ann: object, known: dict[int, Any]) -> tuple[str, str] | No
     """(reason, message) for an unusable `annotations` entry (before tokenising), or None."""
     if not isinstance(ann, dict):
         return "bad_caption_record", f"expected an object, got {type(ann).__name__}"
-    if not _is_int(ann.get("image_id")):
-        return "bad_caption_record", f"field 'image_id': expected an integer, got {ann.get('image_id')!r}"
+    bad_id = _int_problem("image_id", ann.get("image_id"))
+    if bad_id:
+        return "bad_caption_record", bad_id
     if ann["image_id"] not in known:
         return "unknown_image_id", f"image_id {ann['image_id']} is not a valid image of this file"
     if "caption" not in ann:
@@ -158,7 +212,11 @@ def _caption_problem(ann: object, known: dict[int, Any]) -> tuple[str, str] | No
 
 def _valid_images(data: dict, path: Path, images_dir: Path, skips: Skips,
                   seen_ids: dict[int, str], seen_files: set[str]) -> list[dict]:
-    """Usable image entries ({id, file_name, path}); the first of a duplicated id or file wins."""
+    """Usable image entries ({id, file_name, path}); the first of a duplicated id or file wins.
+
+    `path` is resolved (links followed): it must lie inside the resolved images folder.
+    """
+    root = os.path.realpath(images_dir)
     out = []
     for k, entry in enumerate(data["images"]):
         where = f"{path}: images[{k}]"
@@ -167,8 +225,11 @@ def _valid_images(data: dict, path: Path, images_dir: Path, skips: Skips,
             skips.add("bad_image_record", f"{where}: {problem}")
             continue
         image_id, name = entry["id"], entry["file_name"]
-        full = os.path.normpath(images_dir / name)
-        if image_id in seen_ids:
+        full = os.path.realpath(images_dir / name)
+        if os.path.commonpath([root, full]) != root:
+            skips.add("outside_images_folder", f"{where}: {images_dir / name} leads to {full}, outside the images "
+                                               f"folder {root}; not read")
+        elif image_id in seen_ids:
             skips.add("duplicate_image_id", f"{where}: id {image_id} already used by {seen_ids[image_id]}")
         elif full in seen_files:
             skips.add("duplicate_file_name", f"{where}: {name} already listed under another id")
@@ -230,6 +291,40 @@ def read_coco(path: str | Path, images_dir: str | Path, skips: Skips, max_tokens
         records.append(ImageRecord(image_id, im["file_name"], im["path"],
                                    tuple(a["caption"] for a in anns), tuple(a["tokens"] for a in anns)))
     return records, len(data["images"]), truncated
+
+
+def _digest(path: str, max_bytes: int | None) -> str | ImageSkip:
+    """sha256 of a checked image file (see images.read_file), or why it cannot be read (in a thread)."""
+    try:
+        return hashlib.sha256(read_file(path, max_bytes, follow_links=False)).hexdigest()
+    except ImageSkip as skip:
+        return skip
+
+
+def check_files(records: list[ImageRecord], skips: Skips, seen: dict[str, str], max_bytes: int | None,
+                workers: int) -> list[ImageRecord]:
+    """Records whose file is readable (a regular file of at most max_bytes) with content no earlier one has.
+
+    `seen` maps content hashes to the record that kept them, across calls; a duplicate's captions go with it.
+    """
+    out = []
+    paths = [r.path for r in records]
+    with ThreadPoolExecutor(resolve_workers(workers)) as pool, \
+            progress_bar(len(records), "checking files") as advance:
+        # threads: reading and hashing release the GIL; map keeps the input order, so the first id wins
+        for n, (rec, digest) in enumerate(zip(records, pool.map(_digest, paths, [max_bytes] * len(paths)),
+                                              strict=True), 1):
+            if n % PROGRESS_EVERY == 0:
+                advance(PROGRESS_EVERY)
+            if isinstance(digest, ImageSkip):
+                skips.add(digest.reason, f"{rec.path}: {digest}")
+            elif digest in seen:
+                skips.add("duplicate_content", f"{rec.path} (image {rec.image_id}): the same bytes as {seen[digest]}")
+            else:
+                seen[digest] = f"{rec.path} (image {rec.image_id})"
+                out.append(rec)
+        advance(len(records) % PROGRESS_EVERY)
+    return out
 
 
 def plan_splits(records: list[ImageRecord], val_records: list[ImageRecord] | None, val: int, test: int,
@@ -309,18 +404,32 @@ def read_captions(path: Path, rows: int | None = None) -> list[dict[str, Any]]:
 def prepare_coco(out_dir: str | Path, annotations: str | Path, images: str | Path, *,
                  val_annotations: str | Path | None, val_images: str | Path | None, image_size: int,
                  val: int, test: int, seed: int, max_skipped_fraction: float, workers: int,
-                 chunk_size: int, max_caption_tokens: int) -> dict[str, Any]:
-    """Validate, split, decode and write the prepared COCO directory; return the metrics."""
-    skips, seen_ids, seen_files = Skips(), {}, set()
+                 chunk_size: int, max_caption_tokens: int, max_image_bytes: int | None = None,
+                 max_image_pixels: int | None = None) -> dict[str, Any]:
+    """Validate, check and hash, split, decode and write the prepared COCO directory; return the metrics.
+
+    max_image_bytes / max_image_pixels: larger files are not read, larger images not decoded (None: no cap
+    but Pillow's own decompression-bomb limit).
+    """
+    for stale in remove_stale_temporaries(out_dir):
+        log.warning("removed %s, left by an interrupted prepare_coco run", stale)
+    skips, seen_ids, seen_files, seen_content = Skips(), {}, set(), {}
     sources = [(annotations, images)] + ([(val_annotations, val_images)] if val_annotations else [])
     read = [read_coco(a, d, skips, max_caption_tokens, seen_ids, seen_files) for a, d in sources]
     total, truncated = sum(r[1] for r in read), sum(r[2] for r in read)
     check_skipped(skips, total, max_skipped_fraction)
-    streams = plan_splits(read[0][0], read[1][0] if len(read) > 1 else None, val, test, seed)
+    start = time.perf_counter()
+    checked = [check_files(r[0], skips, seen_content, max_image_bytes, workers) for r in read]
+    check_seconds = time.perf_counter() - start
+    check_skipped(skips, total, max_skipped_fraction)
+    streams = plan_splits(checked[0], checked[1] if len(checked) > 1 else None, val, test, seed)
     decoded = sum(len(items) for items, _ in streams)
     counts: dict[str, dict[str, int]] = {}
+    limits = ImageLimits(max_image_bytes, max_image_pixels)
     start = time.perf_counter()
-    with atomic_dir(out_dir) as tmp, Decoder(workers, image_size, chunk_size) as decoder, \
+    # the staging file lives in the output's temporary folder: whatever kills this run, nothing is left elsewhere
+    with atomic_dir(out_dir) as tmp, claimed(tmp), \
+            Decoder(workers, image_size, chunk_size, limits=limits, staging_dir=tmp) as decoder, \
             progress_bar(decoded) as advance:
         for items, routes in streams:
             on_skip = _skipper(skips, items, total, max_skipped_fraction)
@@ -345,6 +454,6 @@ def prepare_coco(out_dir: str | Path, annotations: str | Path, images: str | Pat
         "skipped_fraction": skips.images / max(total, 1), "images_in": total, "captions_truncated": truncated,
         "splits": {s: counts[s]["images"] for s in SPLITS},
         "split_captions": {s: counts[s]["captions"] for s in SPLITS},
-        "image_size": image_size, "seconds": round(seconds, 3),
+        "image_size": image_size, "check_seconds": round(check_seconds, 3), "seconds": round(seconds, 3),
         "images_per_second": round(decoded / max(seconds, 1e-9), 2), "workers": decoder.workers,
     }

@@ -7,19 +7,29 @@ rows into an `open_memmap` file at a running cursor. Bad images are
 only found while decoding, so the cursor simply does not advance for them: no holes. Each file
 is created with an upper bound on its rows; only when images were skipped is it compacted into a
 correctly sized file, copying bounded blocks (a prefix copy, since the rows are already packed).
+
+Files come from folders nobody vouched for: a file is opened only after `stat` shows a regular file
+(a FIFO would block `open`, a device such as /dev/zero never ends), its read is capped, and an image's
+size is checked from its header before any pixel is decoded. Workers die with the parent process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import logging
 import math
 import multiprocessing
 import os
+import signal
+import stat
+import sys
 import tempfile
+import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -34,11 +44,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 log = logging.getLogger(__name__)
 
-DECODE_REASONS = ("missing_file", "unreadable_file", "empty_file", "not_an_image", "truncated_image",
-                  "corrupt_image")
+DECODE_REASONS = ("missing_file", "unreadable_file", "not_a_regular_file", "too_large", "empty_file",
+                  "not_an_image", "too_many_pixels", "truncated_image", "corrupt_image")
 COMPACT_BLOCK_BYTES = 64 << 20  # bytes copied per block when compacting an array
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, as a viewer shows them
 Route = tuple[str, int | None]  # (split, how many kept images it takes; None = all the rest)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ImageSkip(Exception):
@@ -49,33 +60,97 @@ class ImageSkip(Exception):
         self.reason = reason
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """The file's bytes; missing, unreadable and empty files raise ImageSkip."""
+class ImageLimits(NamedTuple):
+    """Reading an untrusted images folder: paths are opened without following links (the caller passes
+    resolved paths it checked), files of more than max_bytes are not read, images of more than max_pixels
+    (width x height, from the header) are not decoded; None: no cap (Pillow's bomb limit still applies)."""
+
+    max_bytes: int | None
+    max_pixels: int | None
+
+
+def _check_stat(st: os.stat_result, max_bytes: int | None) -> None:
+    """ImageSkip unless `st` is a regular file of at most max_bytes."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a link" if stat.S_ISLNK(st.st_mode) else \
+            "a FIFO, socket or device"
+        raise ImageSkip("not_a_regular_file", f"not a regular file ({kind}); not read")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise ImageSkip("too_large", f"{st.st_size:,} bytes, more than max_image_bytes {max_bytes:,}; not read")
+
+
+def read_file(path: str | Path, max_bytes: int | None = None, follow_links: bool = True) -> bytes:
+    """A regular file's bytes (at most max_bytes); ImageSkip for anything else, before reading it.
+
+    The type and size are checked with stat before open (open would block on a FIFO), then again on
+    the open descriptor, which must be the same file (it may have been swapped in between).
+    """
     try:
-        data = Path(path).read_bytes()
+        st = os.stat(path) if follow_links else os.lstat(path)
     except FileNotFoundError:
         raise ImageSkip("missing_file", "file not found") from None
-    except OSError as err:  # permissions, a directory, an I/O error
+    except OSError as err:
         raise ImageSkip("unreadable_file", f"cannot read the file: {err.strerror or err}") from None
+    _check_stat(st, max_bytes)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ImageSkip("missing_file", "file not found") from None
+    except OSError as err:  # permissions, ELOOP (a link swapped in), an I/O error
+        raise ImageSkip("unreadable_file", f"cannot read the file: {err.strerror or err}") from None
+    with open(fd, "rb") as fh:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise ImageSkip("unreadable_file", "the file was replaced while being read")
+        _check_stat(now, max_bytes)
+        try:
+            data = fh.read(-1 if max_bytes is None else max_bytes + 1)  # +1: a file that grew shows up
+        except OSError as err:
+            raise ImageSkip("unreadable_file", f"cannot read the file: {err.strerror or err}") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageSkip("too_large", f"more than max_image_bytes {max_bytes:,} bytes; not read further")
     if not data:
         raise ImageSkip("empty_file", "file is empty (0 bytes)")
     return data
 
 
-def decode(data: bytes, size: int) -> Image.Image:
-    """Open and fully decode (a truncated file is an error); JPEGs decode at a reduced DCT scale."""
+def _too_many_pixels(err: Exception) -> ImageSkip:
+    """Pillow's own decompression-bomb limit, as a skip."""
+    return ImageSkip("too_many_pixels", f"not decoded: {type(err).__name__}: {err}")
+
+
+def decode(data: bytes, size: int, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode (a truncated file is an error); JPEGs decode at a reduced DCT scale.
+
+    The header's size is checked against max_pixels before any pixel is decoded (images over twice Pillow's
+    bomb limit are refused by Pillow itself, from the header too).
+    """
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # with a cap of ours, it decides (checked below, naming the size); else Pillow's warning refuses
+            warnings.simplefilter("ignore" if max_pixels is not None else "error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise _too_many_pixels(err) from None
     except UnidentifiedImageError:
         raise ImageSkip("not_an_image", "not an image format Pillow can identify") from None
     except MemoryError:
         raise
     except Exception as err:  # Pillow's plugins raise many types for malformed headers
         raise _decode_skip("cannot open", err) from None
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageSkip("too_many_pixels", f"{w}x{h} = {w * h:,} pixels, more than max_image_pixels "
+                                           f"{max_pixels:,}; not decoded")
     try:
-        if im.format == "JPEG":
-            _draft(im, size)
-        im.load()  # the full decode: this is where truncated and broken data streams show up
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if im.format == "JPEG":
+                _draft(im, size)
+            im.load()  # the full decode: this is where truncated and broken data streams show up
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise _too_many_pixels(err) from None
     except MemoryError:
         raise
     except Exception as err:
@@ -119,9 +194,15 @@ def resize_crop(im: Image.Image, size: int) -> Image.Image:
     return im.resize((size, size), Image.Resampling.BICUBIC, box=box)
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """One image file as a (3, size, size) uint8 RGB array, EXIF orientation applied; ImageSkip if bad."""
-    im = decode(read_bytes(path), size)
+def load_image(path: str | Path, size: int, limits: ImageLimits | None = None) -> np.ndarray:
+    """One image file as a (3, size, size) uint8 RGB array, EXIF orientation applied; ImageSkip if bad.
+
+    Without `limits` (a file the user named) links are followed and only Pillow's bomb limit applies.
+    """
+    if limits is None:
+        im = decode(read_file(path), size)
+    else:
+        im = decode(read_file(path, limits.max_bytes, follow_links=False), size, limits.max_pixels)
     try:
         ImageOps.exif_transpose(im, in_place=True)
         im = resize_crop(to_rgb(im), size)
@@ -140,7 +221,8 @@ class Chunk(NamedTuple):
     failures: list[tuple[int, str, str]]
 
 
-def decode_chunk(paths: Sequence[str], size: int, start: int = 0, out: np.ndarray | None = None) -> Chunk:
+def decode_chunk(paths: Sequence[str], size: int, start: int = 0, out: np.ndarray | None = None,
+                 limits: ImageLimits | None = None) -> Chunk:
     """Decode a list of files (runs in a worker); positions are offset by `start`.
 
     With `out` (len(paths), 3, S, S), kept images are packed into it and the chunk carries no rows.
@@ -153,7 +235,7 @@ def decode_chunk(paths: Sequence[str], size: int, start: int = 0, out: np.ndarra
     try:
         for i, path in enumerate(paths):
             try:
-                rows[len(kept)] = load_image(path, size)
+                rows[len(kept)] = load_image(path, size, limits)
                 kept.append(start + i)
             except ImageSkip as skip:
                 failures.append((start + i, skip.reason, str(skip)))
@@ -165,13 +247,36 @@ def decode_chunk(paths: Sequence[str], size: int, start: int = 0, out: np.ndarra
 
 
 def decode_into(paths: Sequence[str], size: int, start: int, staging: str, shape: tuple[int, ...],
-                first_row: int) -> Chunk:
+                first_row: int, limits: ImageLimits | None) -> Chunk:
     """decode_chunk into rows [first_row, first_row + len(paths)) of the shared staging file (in a worker)."""
     slots = np.memmap(staging, dtype=np.uint8, mode="r+", shape=shape)
     try:
-        return decode_chunk(paths, size, start, out=slots[first_row: first_row + len(paths)])
+        return decode_chunk(paths, size, start, out=slots[first_row: first_row + len(paths)], limits=limits)
     finally:
         del slots  # unmap; the parent reads the same pages through its own map
+
+
+def die_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker when its parent dies, even by SIGKILL (it would idle forever).
+
+    Linux: the kernel sends SIGKILL when the thread that started the worker exits (the parent's main
+    thread here); elsewhere a daemon thread watches the parent id. A parent already gone: exit now.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # died before prctl took effect
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit the process once its parent is gone (re-parented), checking every second."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def resolve_workers(workers: int) -> int:
@@ -181,10 +286,16 @@ def resolve_workers(workers: int) -> int:
 
 class Decoder:
     """Decodes paths chunk by chunk, in order: in-process for one worker, else in a process pool whose
-    workers write into slots of a staging file (2 per worker) that the parent reads back in place."""
+    workers write into slots of a staging file (2 per worker) that the parent reads back in place.
 
-    def __init__(self, workers: int, size: int, chunk_size: int):
+    The staging file goes in `staging_dir` (prepare_coco: its output's temporary folder, so that a killed
+    run leaves it nowhere else), else in the system's temporary folder.
+    """
+
+    def __init__(self, workers: int, size: int, chunk_size: int, *, limits: ImageLimits | None = None,
+                 staging_dir: str | Path | None = None):
         self.workers, self.size, self.chunk_size = resolve_workers(workers), size, chunk_size
+        self.limits, self.staging_dir = limits, staging_dir
         self.pool: ProcessPoolExecutor | None = None
         self.slots = 2 * self.workers
         self.shape = (self.slots * chunk_size, 3, size, size)  # the staging file: every slot's rows
@@ -195,8 +306,9 @@ class Decoder:
         if self.workers > 1:
             # spawn, not fork: the parent may run threads (rich's refresh, torch) that fork would copy
             ctx = multiprocessing.get_context("spawn")
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
-            fd, self.staging_path = tempfile.mkstemp(prefix="capline-decode-", suffix=".u8")
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=die_with_parent,
+                                            initargs=(os.getpid(),))
+            fd, self.staging_path = tempfile.mkstemp(prefix=".capline-decode-", suffix=".u8", dir=self.staging_dir)
             os.close(fd)
             self.staging = np.memmap(self.staging_path, dtype=np.uint8, mode="w+", shape=self.shape)
         return self
@@ -213,7 +325,7 @@ class Decoder:
         starts = iter(range(0, len(paths), self.chunk_size))
         if self.pool is None:
             for s in starts:
-                yield decode_chunk(paths[s: s + self.chunk_size], self.size, s)
+                yield decode_chunk(paths[s: s + self.chunk_size], self.size, s, limits=self.limits)
             return
         free = deque(range(self.slots))
         pending: deque[tuple[int, Future[Chunk]]] = deque()
@@ -223,7 +335,8 @@ class Decoder:
                     yield from self._hand_out(pending.popleft(), free)
                 slot = free.popleft()
                 pending.append((slot, self.pool.submit(decode_into, paths[s: s + self.chunk_size], self.size, s,
-                                                       self.staging_path, self.shape, slot * self.chunk_size)))
+                                                       self.staging_path, self.shape, slot * self.chunk_size,
+                                                       self.limits)))
             while pending:
                 yield from self._hand_out(pending.popleft(), free)
         finally:

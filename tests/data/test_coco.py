@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +221,7 @@ def test_captions_are_truncated_and_examples_name_files(tmp_path, caplog):
 def test_too_many_bad_images_fails_clearly_and_writes_nothing(tmp_path):
     ann, images, _ = make_coco(tmp_path, range(1, 11))
     for i in (2, 3):
-        (images / f"{i:06d}.jpg").write_bytes(b"garbage")
+        (images / f"{i:06d}.jpg").write_bytes(f"garbage {i}".encode())  # distinct: equal bytes are duplicates
     with pytest.raises(CocoDataError) as info:
         prepare(tmp_path / "out", ann, images, max_skipped_fraction=0.1)
     msg = str(info.value)
@@ -262,3 +263,94 @@ def test_malformed_files_name_the_file_and_field(tmp_path, content, expected):
 def test_missing_annotations_file_is_named(tmp_path):
     with pytest.raises(CocoFormatError, match="nope.json: captions file not found"):
         load_annotations(tmp_path / "nope.json")
+
+
+def test_a_link_leading_out_of_the_images_folder_is_never_read(tmp_path, caplog):
+    ann, images, _ = make_coco(tmp_path, range(1, 13))
+    secret = tmp_path / "elsewhere" / "secret.png"
+    secret.parent.mkdir()
+    Image.new("RGB", (40, 28), (250, 250, 5)).save(secret)
+    (images / "000005.jpg").unlink()
+    (images / "000005.jpg").symlink_to(secret)  # absolute link out
+    (images / "000006.jpg").unlink()
+    (images / "000006.jpg").symlink_to("../elsewhere/secret.png")  # relative link out
+    (images / "000007.jpg").unlink()
+    (images / "000007.jpg").symlink_to("/dev/zero")  # would be read until memory runs out
+    inner = images / "sub"
+    inner.mkdir()
+    (images / "000008.jpg").rename(inner / "eight.jpg")
+    (images / "000008.jpg").symlink_to("sub/eight.jpg")  # a link that stays inside is fine
+    stats = prepare(tmp_path / "out", ann, images, val=2, test=2)
+    assert stats["skipped"]["outside_images_folder"] == 3 and stats["skipped_images"] == 3
+    ids = sorted(sum(split_ids(tmp_path / "out").values(), []))
+    assert ids == [i for i in range(1, 13) if i not in (5, 6, 7)]
+    for split in ("train", "val", "test"):  # the secret's colour is in no row
+        rows = load_split(tmp_path / "out", split)[0].reshape(-1, 3, 16 * 16).mean(axis=2)
+        assert not np.any(np.all(np.abs(rows - (250, 250, 5)) < 20, axis=1))
+    assert f"leads to {secret.resolve()}, outside the images folder" in caplog.text
+
+
+def test_fifos_devices_and_folders_named_as_images_are_skipped_unopened(tmp_path):
+    ann, images, _ = make_coco(tmp_path, range(1, 13))
+    (images / "000005.jpg").unlink()
+    os.mkfifo(images / "000005.jpg")  # opening it to read would block the stage for ever
+    (images / "000006.jpg").unlink()
+    (images / "000006.jpg").mkdir()
+    stats = prepare(tmp_path / "out", ann, images, workers=2)
+    assert stats["skipped"]["not_a_regular_file"] == 2 and stats["skipped_images"] == 2
+    assert stats["images"] == 10
+
+
+def test_files_over_max_image_bytes_are_skipped_unread(tmp_path, caplog):
+    ann, images, _ = make_coco(tmp_path, range(1, 13))
+    sizes = [(images / f"{i:06d}.jpg").stat().st_size for i in range(1, 13)]
+    big = images / "000005.jpg"
+    big.write_bytes(big.read_bytes() + b"\0" * (max(sizes) + 1 - big.stat().st_size))  # still a valid JPEG
+    stats = prepare(tmp_path / "out", ann, images, max_image_bytes=max(sizes))
+    assert stats["skipped"]["too_large"] == 1 and stats["skipped_images"] == 1
+    assert 5 not in sum(split_ids(tmp_path / "out").values(), [])
+    assert f"{max(sizes) + 1:,} bytes, more than max_image_bytes {max(sizes):,}" in caplog.text
+    assert prepare(tmp_path / "again", ann, images, max_image_bytes=max(sizes) + 1)["skipped_images"] == 0
+
+
+def test_images_over_max_image_pixels_are_skipped_undecoded(tmp_path, caplog):
+    ann, images, _ = make_coco(tmp_path, range(1, 13))  # 40x28 = 1120 pixels each
+    Image.new("RGB", (40, 29), colour(5)).save(images / "000005.jpg")
+    stats = prepare(tmp_path / "out", ann, images, max_image_pixels=1120, workers=2)
+    assert stats["skipped"]["too_many_pixels"] == 1 and stats["skipped_images"] == 1
+    assert 5 not in sum(split_ids(tmp_path / "out").values(), [])
+    assert "000005.jpg: 40x29 = 1,160 pixels, more than max_image_pixels 1,120" in caplog.text
+
+
+def test_byte_identical_images_are_kept_once_before_splitting(tmp_path, caplog):
+    ann, images, _ = make_coco(tmp_path, range(1, 21))
+    for twin in (9, 17):
+        (images / f"{twin:06d}.jpg").write_bytes((images / "000003.jpg").read_bytes())
+    vann, vimages, _ = make_coco(tmp_path, range(30, 40), "val")
+    (vimages / "000031.jpg").write_bytes((images / "000004.jpg").read_bytes())  # across the two files
+    stats = prepare(tmp_path / "out", ann, images, val_annotations=vann, val_images=vimages, test=4)
+    assert stats["skipped"]["duplicate_content"] == 3 and stats["skipped_images"] == 3
+    ids = split_ids(tmp_path / "out")
+    kept = sum(ids.values(), [])
+    assert 3 in ids["train"] and 4 in ids["train"] and not {9, 17, 31} & set(kept)  # the lowest id wins
+    assert sorted(kept) == sorted(set(range(1, 21)) - {9, 17} | set(range(30, 40)) - {31})
+    assert "000009.jpg (image 9): the same bytes as" in caplog.text and "000003.jpg (image 3)" in caplog.text
+    # within one file the split comes after de-duplication, so twins never straddle train and val/test
+    single = prepare(tmp_path / "single", ann, images, val=5, test=5)
+    assert single["skipped"]["duplicate_content"] == 2 and single["splits"] == {"train": 8, "val": 5, "test": 5}
+
+
+def test_an_image_id_of_5000_digits_is_a_skipped_record(tmp_path, caplog):
+    ann, images, data = make_coco(tmp_path, range(1, 13))
+    data["images"][4]["id"] = -1  # image 5: its id and its captions' image_id become 5,000 digits
+    for a in data["annotations"]:
+        if a["image_id"] == 5:
+            a["image_id"] = -1
+    huge = "9" * 5000
+    ann.write_text(json.dumps(data).replace("-1", huge))
+    stats = prepare(tmp_path / "out", ann, images)
+    assert stats["skipped"]["bad_image_record"] == 1 and stats["skipped"]["bad_caption_record"] == 2
+    assert stats["images"] == 11
+    assert "images[4]: field 'id': expected an integer of at most 4,300 digits, got <an integer of 5,000 digits>" \
+        in caplog.text
+    assert huge not in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image, ImageFile
 
 from pipeline.data.images import (
     Decoder,
+    ImageLimits,
     ImageSkip,
     RowWriter,
     decode_chunk,
@@ -137,7 +139,7 @@ def bad_files(tmp_path):
 EXPECTED_REASONS = {"empty.jpg": "empty_file", "text.jpg": "not_an_image", "random.jpg": "not_an_image",
                     "truncated.jpg": "truncated_image", "corrupt.jpg": "corrupt_image",
                     "short_header.jpg": "truncated_image",
-                    "missing.jpg": "missing_file", "folder.jpg": "unreadable_file"}
+                    "missing.jpg": "missing_file", "folder.jpg": "not_a_regular_file"}
 
 
 def test_each_bad_file_is_reported_with_its_reason(tmp_path):
@@ -212,3 +214,62 @@ def test_write_stream_fills_routes_in_order_without_holes(tmp_path, workers, chu
         assert arr.shape == (len(idx), 3, 8, 8)
         for row, i in zip(arr, idx, strict=True):
             assert np.allclose(channel_means(row), (i * 9, 255 - i * 9, 100), atol=4)
+
+
+def test_fifos_devices_links_and_folders_are_skipped_before_they_are_opened(tmp_path):
+    os.mkfifo(tmp_path / "fifo.jpg")  # open() would block: it must never be opened
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # would be read until memory runs out
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "good.jpg").write_bytes(jpeg_bytes(Image.new("RGB", (20, 20), RED)))
+    (tmp_path / "link.jpg").symlink_to("good.jpg")
+    names = ["fifo.jpg", "zero.jpg", "folder.jpg", "good.jpg", "link.jpg"]
+    paths = [str(tmp_path / n) for n in names]
+    # a file the user names: links are followed (to a device: still refused)
+    chunk = decode_chunk(paths, 8)
+    assert {names[p]: r for p, r, _ in chunk.failures} == dict.fromkeys(names[:3], "not_a_regular_file")
+    assert [names[p] for p in chunk.kept] == ["good.jpg", "link.jpg"]
+    # an untrusted folder (limits): its caller resolved the paths, so a link found here is refused
+    chunk = decode_chunk(paths, 8, limits=ImageLimits(1 << 20, 10_000))
+    reasons = {names[p]: r for p, r, _ in chunk.failures}
+    assert reasons == {**dict.fromkeys(names[:3], "not_a_regular_file"), "link.jpg": "not_a_regular_file"}
+    assert "(a link)" in next(m for p, _, m in chunk.failures if names[p] == "link.jpg")
+
+
+def test_files_over_max_bytes_are_not_read(tmp_path):
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg_bytes(Image.new("RGB", (20, 20), RED)))
+    n = path.stat().st_size
+    with pytest.raises(ImageSkip, match=f"{n:,} bytes, more than max_image_bytes {n - 1:,}") as info:
+        load_image(path, 8, ImageLimits(n - 1, 10_000))
+    assert info.value.reason == "too_large"
+    assert load_image(path, 8, ImageLimits(n, 10_000)).shape == (3, 8, 8)
+
+
+def test_images_over_max_pixels_are_not_decoded(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(Image.new("RGB", (100, 50), RED)))
+    with pytest.raises(ImageSkip, match="100x50 = 5,000 pixels, more than max_image_pixels 4,999") as info:
+        load_image(path, 8, ImageLimits(1 << 20, 4999))
+    assert info.value.reason == "too_many_pixels"
+    assert load_image(path, 8, ImageLimits(1 << 20, 5000)).shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("side", [12, 16])  # 144 px: Pillow only warns; 256 px: it refuses (over 2 x 100)
+def test_pillows_decompression_bomb_limit_is_a_skip_too(tmp_path, monkeypatch, side):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_bytes(Image.new("RGB", (side, side), RED)))
+    with pytest.raises(ImageSkip, match="Decompression") as info:
+        load_image(path, 8)  # no limits of ours: Pillow's still hold
+    assert info.value.reason == "too_many_pixels"
+
+
+def test_the_staging_file_lives_in_the_folder_it_is_given(tmp_path):
+    paths = coloured_files(tmp_path, 6)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with Decoder(2, 8, chunk_size=2, staging_dir=staging) as decoder:
+        assert Path(decoder.staging_path).parent == staging
+        kept = write_stream(decoder, paths, [("train", None)], tmp_path / "out", lambda *a: None, lambda n: None)
+    assert kept == {"train": list(range(6))}
+    assert list(staging.iterdir()) == []  # removed on exit
