@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import yaml
+from typer.core import TyperGroup
 
-from pipeline.params import DEFAULT_PATH, ParamsError, load_params
+from pipeline.errors import DEBUG_ENV, debug_requested, run_entry
+from pipeline.params import DEFAULT_PATH, load_params
+from pipeline.redact import redact
+from pipeline.runtime import set_threads
 
+
+class OneLineErrors(TyperGroup):
+    """The app's group: every command runs through pipeline.errors.run_entry (known errors as one line)."""
+
+    def invoke(self, ctx):  # ctx.params: this group's own options (--debug), parsed before any command runs
+        debug = bool(ctx.params.get("debug")) or debug_requested(os.environ.get(DEBUG_ENV))
+        return run_entry(functools.partial(super().invoke, ctx), debug=debug)
+
+
+# Usage errors are click's (exit 2, usage message); errors of the commands themselves go through OneLineErrors,
+# so CliRunner, the console script and `python -m pipeline` behave alike.
 app = typer.Typer(help="capline: DVC + Ray Tune + Lightning + MLflow pipeline for captioning and LMs.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors)
 data_app = typer.Typer(help="Fetch public data sets.", no_args_is_help=True)
 params_app = typer.Typer(help="Inspect and validate params.yaml.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -52,12 +69,14 @@ SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-S", help="Override a param: key=value (dotted key, YAML value). Repeatable.")]
 
 
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option(
+        "--debug", help=f"Show the traceback of known errors too (or set {DEBUG_ENV}=1).")] = False) -> None:
+    """capline: DVC + Ray Tune + Lightning + MLflow pipeline for captioning and LMs."""
+
+
 def _load(params: Path, overrides: list[str] | None):
-    try:
-        return load_params(params, overrides or [])
-    except ParamsError as err:
-        typer.secho(str(err), fg="red", err=True)
-        raise typer.Exit(2) from None
+    return load_params(params, overrides or [])  # a ParamsError: one line, exit 2 (OneLineErrors)
 
 
 @app.command()
@@ -123,7 +142,8 @@ def runs(family: Annotated[Family | None, typer.Argument(help="Only this family'
     p = _load(params, set_)
     parent = tracking.latest_sweep(p.tracking.uri, p.tracking.experiment, family.value if family else None)
     if parent is None:
-        typer.secho(f"no sweep in {p.tracking.uri} (experiment {p.tracking.experiment})", fg="yellow", err=True)
+        typer.secho(f"no sweep in {redact(p.tracking.uri)} (experiment {p.tracking.experiment})", fg="yellow",
+                    err=True)
         raise typer.Exit(1)
     fam = parent["tags"]["family"]
     monitor = MONITOR[fam][0]
@@ -147,7 +167,9 @@ def reproduce(run_id: Annotated[str, typer.Argument(help="MLflow run id of a swe
     """Rerun one trial outside Ray from its recorded config and seed; exit 1 if its metric differs."""
     from pipeline.reproduce import reproduce_trial
 
-    report = reproduce_trial(_load(params, set_), run_id, tolerance)
+    p = _load(params, set_)
+    set_threads(p.runtime.threads)
+    report = reproduce_trial(p, run_id, tolerance)
     typer.echo(yaml.safe_dump(report, sort_keys=False))
     if report["data_changed"]:
         typer.secho(f"data changed since the trial: {', '.join(report['data_changed'])}", fg="yellow", err=True)
@@ -179,6 +201,7 @@ def caption(
     from pipeline.training.fit import checkpoint_path, load_module
 
     p = _load(params, set_)
+    set_threads(p.runtime.threads)
     module = load_module("captioner", checkpoint or checkpoint_path(p, "captioner"))
     try:
         results = caption_images(module, images, beam or p.evaluate.beam_size, p.evaluate.alpha)
@@ -212,6 +235,7 @@ def generate(
     from pipeline.training.fit import checkpoint_path, load_module
 
     p = _load(params, set_)
+    set_threads(p.runtime.threads)
     module = load_module(family.value, checkpoint or checkpoint_path(p, family.value))
     typer.echo(sample_text(module, prompt, length or p.evaluate.sample_length, temperature, top_k, seed))
 
@@ -249,21 +273,33 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Server worker processes (each loads the model).")] = 1,
     params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None,
 ) -> None:
-    """Serve a registered model over REST with `mlflow models serve` (POST /invocations).
+    """Serve a registered model over REST with MLflow's scoring server (POST /invocations).
 
     Captioner: {"dataframe_records": [{"image": "<base64 of an image file>"}]} -> {"predictions": ["a caption"]}.
     Language models: {"dataframe_records": [{"prompt": "The "}]} -> {"predictions": ["The ..."]}.
+    The model's files are downloaded and checked against the digests recorded at registration first; a model
+    whose files changed in the artifact store is refused. Bad records: 400 naming each record.
     """
     import os
+    import shutil
     import sys
+    import tempfile
 
-    from pipeline.tracking import serve_command
+    from pipeline import tracking
 
     p = _load(params, set_)
-    argv, env = serve_command(p.tracking.uri, family.value, alias, host, port, workers)
-    typer.echo(f"serving models:/capline-{family.value}@{alias} from {p.tracking.uri} on http://{host}:{port}",
-               err=True)
-    # mlflow starts `uvicorn` by name: this environment's bin first, even when it is not activated
+    folder = tempfile.mkdtemp(prefix=f"capline-serve-{family.value}-")  # the server reads this checked copy
+    try:
+        model = tracking.fetch_model(p.tracking.uri, family.value, alias, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    argv, env = tracking.serve_command(model["path"], host, port, workers, p.serve.model_dump())
+    if p.runtime.threads:  # torch in the server process reads its thread count from here
+        env["OMP_NUM_THREADS"] = str(p.runtime.threads)
+    typer.echo(f"serving {model['uri']} (version {model['version']}, every file as registered) from "
+               f"{redact(p.tracking.uri)} on http://{host}:{port}", err=True)
+    # this environment's bin first, even when it is not activated (tools the server starts by name)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.execve(argv[0], argv, {**os.environ, **env, "PATH": path})  # the server replaces this process
 
@@ -271,7 +307,7 @@ def serve(
 @params_app.command("show")
 def params_show(params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None) -> None:
     """Print the validated params (after overrides) as YAML."""
-    typer.echo(yaml.safe_dump(_load(params, set_).to_dict(), sort_keys=False))
+    typer.echo(redact(yaml.safe_dump(_load(params, set_).to_dict(), sort_keys=False)))  # no password of a URI
 
 
 @params_app.command("check")
@@ -305,11 +341,5 @@ def data_download(
 
 
 def main() -> None:
-    """Entry point: known failures print one clear line (no traceback) and exit 1."""
-    from pipeline.training.callbacks import NonFiniteLossError
-
-    try:
-        app()
-    except (FileNotFoundError, NotADirectoryError, ValueError, NonFiniteLossError) as err:
-        typer.secho(f"capline: {err}", fg="red", err=True)
-        raise SystemExit(1) from None
+    """Entry point of the `capline` script and `python -m pipeline`: known errors as one line, exit 1 (params: 2)."""
+    app()

@@ -7,9 +7,12 @@ complete file, never a half-written one that looks finished.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +83,10 @@ def read_json(path: str | Path) -> Any:
         raise FileNotFoundError(f"{path}: not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid UTF-8 JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply (limit: about {sys.getrecursionlimit():,} levels)") from None
+    except ValueError as err:  # an integer longer than Python converts; its advice after ";" is for programmers
+        raise ValueError(f"{path}: not valid JSON: {str(err).split(';')[0]}") from None
 
 
 @contextlib.contextmanager
@@ -101,3 +108,71 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def claimed(path: str | Path) -> Iterator[None]:
+    """Hold a lock on a temporary file or folder while this process uses it (the kernel drops it at exit,
+    SIGKILL included), so that another process's remove_stale_temporaries leaves it alone."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _held(entry: Path) -> bool:
+    """Whether a live process holds `entry` (claimed); links and unopenable entries count as not held."""
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove what killed writers of `path` left beside it; return what was removed.
+
+    Only this module's own names for `path` qualify: `.<name>.<8 chars>.tmp` (atomic_path, atomic_dir) not
+    held by a live process (claimed), and `.<name>.old-<pid>` (atomic_dir's set-aside copy) whose pid is gone.
+    """
+    path = Path(path)
+    temp = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    old = re.compile(rf"\.{re.escape(path.name)}\.old-(\d+)")
+    try:
+        entries = sorted(path.parent.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for entry in entries:
+        if temp.fullmatch(entry.name):
+            stale = not _held(entry)
+        elif (m := old.fullmatch(entry.name)) is not None:
+            stale = not _alive(int(m.group(1)))
+        else:
+            continue
+        if not stale:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

@@ -7,15 +7,17 @@ missing key fails loudly instead of silently taking a value from code.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 DEFAULT_PATH = Path("params.yaml")
+TOO_DEEP = "nested too deeply to read (past Python's recursion limit; params are only a few levels deep)"
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -106,6 +108,8 @@ class PrepareCocoParams(Section):
     workers: int = Field(ge=0, le=512)
     chunk_size: int = Field(ge=1, le=100_000)
     max_caption_tokens: int = Field(ge=1)
+    max_image_bytes: int = Field(ge=1)
+    max_image_pixels: int = Field(ge=1, le=89_478_485)  # at most Pillow's own bomb limit (Image.MAX_IMAGE_PIXELS)
 
 
 class TextSplitParams(Section):
@@ -287,6 +291,12 @@ class EvaluateParams(Section):
     sample_length: int = Field(ge=1)
 
 
+class ServeParams(Section):
+    max_records: int = Field(ge=1, le=10_000)
+    max_image_pixels: int = Field(ge=1, le=89_478_485)  # at most Pillow's own bomb limit (Image.MAX_IMAGE_PIXELS)
+    temperature: float = Field(gt=0.0, le=10.0)
+
+
 class RuntimeParams(Section):
     threads: int | None = Field(ge=1)  # None: the cores this process may use
 
@@ -338,6 +348,44 @@ def check_domain(key: str, spec: Any) -> None:
         raise ValueError(f"{key}: randint needs integer bounds, got {args!r}")
 
 
+def domain_values(kind: str, args: list) -> list:
+    """The values a domain can give that a field must accept: every choice, or both ends of the range."""
+    if kind == "choice":
+        return list(args)
+    low, high = args
+    if kind == "randint":
+        return [low, high - 1]  # high is exclusive
+    if kind == "one_minus_loguniform":
+        return [1.0 - high, 1.0 - low]  # the bounds are of 1 - value
+    return [float(low), float(high)]  # continuous domains sample floats, even between integer bounds
+
+
+@functools.cache
+def field_adapter(key: str) -> TypeAdapter:
+    """A validator of the single params field at dotted `key`: its type and range, not its section's checks."""
+    model: type[BaseModel] = Params
+    *sections, name = key.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    info = model.model_fields[name]
+    annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    return TypeAdapter(annotation, config=ConfigDict(strict=True))
+
+
+def check_space_values(where: str, key: str, spec: dict[str, Any]) -> None:
+    """Every value the search space `spec` can give must be valid for the field it tunes (ValueError naming both)."""
+    kind, args = next(iter(spec.items()))
+    adapter = field_adapter(key)
+    for value in domain_values(kind, args):
+        try:
+            adapter.validate_python(value)
+        except ValidationError as err:
+            first = err.errors()[0]
+            hint = "; use randint or choice for an integer" if first["type"] == "int_type" else ""
+            raise ValueError(f"{where}: {kind} {args} can give {value!r}, which {key} does not accept: "
+                             f"{first['msg']}{hint}") from None
+
+
 class SweepFamilyParams(Section):
     num_samples: int = Field(ge=1)
     max_concurrent: int = Field(ge=0)
@@ -381,7 +429,7 @@ def _lookup(tree: Any, dotted: str) -> bool:
 class Params(Section):
     """The whole of params.yaml."""
 
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, lt=2**32)  # numpy and Lightning's seed_everything take 32-bit seeds
     paths: PathsParams
     data: DataParams
     sample: SampleParams
@@ -393,6 +441,7 @@ class Params(Section):
     models: ModelsParams
     train: TrainParams
     evaluate: EvaluateParams
+    serve: ServeParams
     tracking: TrackingParams
     sweep: SweepParams
     report: ReportParams
@@ -408,6 +457,7 @@ class Params(Section):
                 if not (key.startswith((f"models.{family}.", f"train.{family}.")) or key == "seed"):
                     raise ValueError(f"sweep.{family}.space.{key}: a {family} sweep may only vary "
                                      f"models.{family}.*, train.{family}.* or seed")
+                check_space_values(f"sweep.{family}.space.{key}", key, getattr(self.sweep, family).space[key])
         return self
 
     @model_validator(mode="after")
@@ -458,6 +508,8 @@ def load_params(
         raise ParamsError(f"{path}: file not found (run from the project root, or pass --params)") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: {TOO_DEEP}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     return validate_params(apply_overrides(raw, overrides or {}, source=str(path)), source=str(path))
@@ -486,6 +538,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             shown = repr(e.get("input"))
             what = e["msg"] + (f" (got {shown})" if len(shown) <= 80 else "")
         lines.append(f"{source}: {key}: {what}" if key else f"{source}: {what}")
+    if len(lines) == 1:  # the usual case: one line, as every known error reaches the user
+        return f"invalid params: {lines[0]}"
     return "invalid params:\n  " + "\n  ".join(lines)
 
 
@@ -500,6 +554,8 @@ def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
             out[key.strip()] = _yaml(value)
         except yaml.YAMLError as err:
             raise ParamsError(f"--set {key}: value is not valid YAML: {err}") from None
+        except RecursionError:
+            raise ParamsError(f"--set {key}: value {TOO_DEEP}") from None
     return out
 
 

@@ -1,0 +1,14 @@
+"""DVC stages: one module per stage, each a `run(params)` and the `main()` that `dvc repro` calls."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.errors import DEBUG_ENV, debug_requested, run_entry
+
+
+def entry(work: Callable[[], Any]) -> None:
+    """Run a stage's work through the one error path: a known error is one line (CAPLINE_DEBUG=1: traceback too)."""
+    run_entry(work, debug=debug_requested(os.environ.get(DEBUG_ENV)))

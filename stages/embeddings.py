@@ -19,6 +19,7 @@ from pipeline.embeddings.skipgram import SkipGramConfig, load_stream, train_skip
 from pipeline.io import save_npy, write_json
 from pipeline.params import Params, load_params
 from pipeline.runtime import set_threads
+from stages import entry
 
 STREAMS = {"text": "text_train_word.npy", "captions": "captions_train_word.npy"}
 
@@ -69,7 +70,7 @@ def run(p: Params) -> dict:
 
 
 def main() -> None:
-    run(load_params())
+    entry(lambda: run(load_params()))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pipeline.io import atomic_open, write_json
 from pipeline.params import Params, load_params
 from pipeline.runtime import set_threads
 from pipeline.training.fit import FAMILIES, checkpoint_path, learning_curve
+from stages import entry
 
 CURVE_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_cider")
 
@@ -44,7 +45,7 @@ def run(p: Params, family: str, checkpoint: str | Path | None = None) -> dict:
 def main() -> None:
     if len(sys.argv) != 2 or sys.argv[1] not in FAMILIES:
         sys.exit(f"usage: python -m stages.evaluate {{{','.join(FAMILIES)}}}")
-    run(load_params(), sys.argv[1])
+    entry(lambda: run(load_params(), sys.argv[1]))
 
 
 if __name__ == "__main__":

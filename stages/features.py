@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline.io import atomic_dir, write_json
 from pipeline.params import Params, load_params
 from pipeline.runtime import set_threads
+from stages import entry
 
 SPLITS = ("train", "val", "test")
 
@@ -42,10 +43,10 @@ def extract_splits(p: Params, out_dir: Path) -> dict:
 
 def run(p: Params) -> dict:
     """Write {paths.features} whole (atomically: a failed run keeps the previous folder) and the metrics."""
-    set_threads(p.runtime.threads)
     out = Path(p.paths.features)
     with atomic_dir(out) as tmp:
         if p.features.enabled:
+            set_threads(p.runtime.threads)  # here only: a disabled stage never imports torch
             metrics = extract_splits(p, tmp)
         else:
             write_json(tmp / "manifest.json", {"enabled": False})
@@ -60,7 +61,7 @@ def run(p: Params) -> dict:
 
 
 def main() -> None:
-    run(load_params())
+    entry(lambda: run(load_params()))
 
 
 if __name__ == "__main__":

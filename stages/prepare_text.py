@@ -11,6 +11,7 @@ from pathlib import Path
 from pipeline.data.text import SPLITS, default_corpus, read_corpus, split_corpus, word_lines
 from pipeline.io import atomic_dir, write_json
 from pipeline.params import Params, load_params
+from stages import entry
 
 
 def run(p: Params) -> dict:
@@ -42,7 +43,7 @@ def run(p: Params) -> dict:
 
 
 def main() -> None:
-    run(load_params())
+    entry(lambda: run(load_params()))
 
 
 if __name__ == "__main__":

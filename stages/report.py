@@ -18,6 +18,7 @@ from pipeline.report.build import ReportBuilder, mlflow_figure_log
 from pipeline.report.figures import FigureSink
 from pipeline.report.html import render
 from pipeline.runtime import set_threads
+from stages import entry
 
 
 def report_path(p: Params) -> Path:
@@ -74,7 +75,7 @@ def run(p: Params, repo_dir: str | Path | None = None, progress: bool = True) ->
 
 
 def main() -> None:
-    run(load_params())
+    entry(lambda: run(load_params()))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any
 from pipeline.data.sample import generate_sample
 from pipeline.io import write_json
 from pipeline.params import Params, load_params
+from stages import entry
 
 
 def run(p: Params) -> dict[str, Any]:
@@ -25,7 +26,7 @@ def run(p: Params) -> dict[str, Any]:
 
 
 def main() -> None:
-    run(load_params())
+    entry(lambda: run(load_params()))
 
 
 if __name__ == "__main__":

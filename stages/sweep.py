@@ -13,6 +13,11 @@ from pathlib import Path
 from pipeline.io import write_json
 from pipeline.params import Params, load_params
 from pipeline.training.fit import FAMILIES, MONITOR
+from stages import entry
+
+
+class NoTrialFinished(RuntimeError):
+    """Every trial of a sweep errored or diverged: there is no configuration to train."""
 
 
 def best_path(p: Params, family: str) -> Path:
@@ -26,8 +31,10 @@ def run(p: Params, family: str, address: str | None = None) -> dict:
 
     result = run_sweep(p, family, address=address or p.sweep.ray_address)
     if result.best is None:
-        raise RuntimeError(f"sweep {family}: no trial finished with a finite {MONITOR[family][0]} "
-                           f"({result.errored} of {len(result.trials)} errored); see MLflow run {result.parent_run_id}")
+        raise NoTrialFinished(
+            f"sweep {family}: no trial finished with a finite {MONITOR[family][0]} ({result.errored} of "
+            f"{len(result.trials)} errored; see MLflow run {result.parent_run_id}): narrow sweep.{family}.space "
+            f"(e.g. smaller learning rates) and run it again")
     metrics = result.to_metrics()
     write_json(best_path(p, family), {"family": family, "monitor": MONITOR[family][0], "metric": result.best.metric,
                                       "overrides": result.best.config, "trial_id": result.best.trial_id,
@@ -43,7 +50,7 @@ def run(p: Params, family: str, address: str | None = None) -> dict:
 def main() -> None:
     if len(sys.argv) != 2 or sys.argv[1] not in FAMILIES:
         sys.exit(f"usage: python -m stages.sweep {{{','.join(FAMILIES)}}}")
-    run(load_params(), sys.argv[1])
+    entry(lambda: run(load_params(), sys.argv[1]))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pipeline.data.text import SPLITS
 from pipeline.data.vocab import Vocabulary, coverage
 from pipeline.io import atomic_dir, save_npy, write_json
 from pipeline.params import Params, load_params
+from stages import entry
 
 
 def caption_lines(coco_dir: Path, split: str) -> list[list[str]]:
@@ -60,7 +61,7 @@ def run(p: Params) -> dict:
 
 
 def main() -> None:
-    run(load_params())
+    entry(lambda: run(load_params()))
 
 
 if __name__ == "__main__":

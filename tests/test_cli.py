@@ -42,6 +42,18 @@ def test_stage_command_runs_with_overrides(tmp_path: Path):
     assert (tmp_path / "metrics" / "prepare_text.json").is_file()
 
 
+def test_a_known_error_is_one_line_and_exit_1_and_debug_adds_the_traceback(tmp_path: Path):
+    args = ["stage", "prepare_text", "--params", PARAMS, "--set", f"data.text.files=[{tmp_path / 'nope.txt'}]",
+            "--set", f"paths.text={tmp_path / 'text'}", "--set", f"paths.metrics={tmp_path / 'metrics'}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    missing = tmp_path / "nope.txt"
+    assert result.stderr == f"capline: data.text.files: {missing}: cannot read (No such file or directory)\n"
+    result = runner.invoke(app, ["--debug", *args])
+    assert result.exit_code == 1 and "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("capline: data.text.files:")
+
+
 def test_python_dash_m_pipeline():
     proc = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "data" in proc.stdout and "stage" in proc.stdout

@@ -112,3 +112,55 @@ def test_val_files_must_come_in_pairs():
 def test_bad_search_spaces_are_rejected_naming_the_key(space, message):
     with pytest.raises(ParamsError, match=re.escape(message)):
         load_params(ROOT / "params.yaml", {"sweep.lstm_lm.space": space})
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"train.lstm_lm.lr": {"uniform": [-1, -0.5]}},
+     "sweep.lstm_lm.space.train.lstm_lm.lr: uniform [-1, -0.5] can give -1.0, which train.lstm_lm.lr does not "
+     "accept: Input should be greater than 0"),
+    ({"train.lstm_lm.lr": {"loguniform": [1.0e-3, 20.0]}}, "can give 20.0, which train.lstm_lm.lr does not accept"),
+    ({"models.lstm_lm.cell": {"choice": ["lstm", "transformer"]}},
+     "can give 'transformer', which models.lstm_lm.cell does not accept: Input should be 'lstm' or 'gru'"),
+    ({"models.lstm_lm.layers": {"randint": [0, 3]}}, "can give 0, which models.lstm_lm.layers does not accept"),
+    ({"models.lstm_lm.layers": {"uniform": [1, 3]}}, "Input should be a valid integer; use randint or choice"),
+    ({"models.lstm_lm.layers": {"one_minus_loguniform": [1.0e-3, 0.5]}}, "can give 0.5, which models.lstm_lm.layers"),
+    ({"models.lstm_lm.dropout": {"uniform": [0.0, 1.0]}}, "can give 1.0, which models.lstm_lm.dropout"),
+    ({"seed": {"randint": [0, 2**33]}}, f"can give {2**33 - 1}, which seed does not accept"),
+])
+def test_search_space_values_must_be_valid_for_the_field_they_tune(space, message):
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        load_params(ROOT / "params.yaml", {"sweep.lstm_lm.space": space})
+
+
+def test_search_space_values_inside_the_fields_range_are_accepted():
+    space = {"models.lstm_lm.layers": {"randint": [1, 3]}, "models.lstm_lm.dropout": {"uniform": [0.0, 0.5]},
+             "train.lstm_lm.beta2": {"one_minus_loguniform": [1.0e-3, 1.0e-1]}, "seed": {"randint": [0, 2**32]},
+             "train.lstm_lm.lr": {"choice": [1.0e-3, 1]}}  # an int is a valid float
+    assert load_params(ROOT / "params.yaml", {"sweep.lstm_lm.space": space}).sweep.lstm_lm.space == space
+
+
+@pytest.mark.parametrize(("seed", "ok"), [(0, True), (2**32 - 1, True), (2**32, False), (-1, False)])
+def test_seed_is_a_32_bit_unsigned_integer(seed, ok):
+    if ok:
+        assert load_params(ROOT / "params.yaml", {"seed": seed}).seed == seed
+    else:
+        with pytest.raises(ParamsError, match=r"^invalid params: \S*params.yaml: seed: Input should be"):
+            load_params(ROOT / "params.yaml", {"seed": seed})
+
+
+def test_params_nested_too_deeply_name_the_file_or_the_override(tmp_path: Path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    with pytest.raises(ParamsError, match=rf"^{re.escape(str(deep))}: nested too deeply to read"):
+        load_params(deep)
+    with pytest.raises(ParamsError, match=r"^--set seed: value nested too deeply to read"):
+        parse_assignments(["seed=" + "{a: " * 20_000 + "1" + "}" * 20_000])
+
+
+def test_one_problem_is_one_line_and_several_are_one_line_each():
+    with pytest.raises(ParamsError) as one:
+        load_params(ROOT / "params.yaml", {"vocab.min_freq": 0})
+    assert "\n" not in str(one.value)
+    with pytest.raises(ParamsError) as two:
+        load_params(ROOT / "params.yaml", {"vocab.min_freq": 0, "seed": -1})
+    assert str(two.value).splitlines()[0] == "invalid params:" and len(str(two.value).splitlines()) == 3

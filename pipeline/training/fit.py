@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,28 @@ def build_datamodule(p: Params, family: str, vocab: Vocabulary, use_features: bo
                                    p.train.num_workers)
 
 
+def check_epoch_fraction(p: Params, family: str, dm: pl.LightningDataModule) -> None:
+    """An epoch of train.<family>.epoch_fraction must hold one batch at least (ValueError naming the keys)."""
+    cfg = getattr(p.train, family)
+    batches = len(dm.train_dataloader())  # this process's share under DDP; Lightning builds its own loader later
+    keys = f"train.{family}.epoch_fraction (sweep.{family}.epoch_fraction in a sweep)"
+    if not batches:
+        raise ValueError(f"train.{family}: the training data gives no batch of train.{family}.batch_size "
+                         f"{cfg.batch_size} at all; lower train.{family}.batch_size")
+    if int(batches * cfg.epoch_fraction) < 1:  # Lightning's rounding of limit_train_batches
+        need = min(1.0, math.ceil(1e4 / batches) / 1e4)
+        raise ValueError(f"{keys} is {cfg.epoch_fraction:g}: less than one of the {batches} training batches per "
+                         f"epoch; raise it to at least {need:g} or lower train.{family}.batch_size "
+                         f"({cfg.batch_size})")
+
+
 def build_module(p: Params, family: str, vocab: Vocabulary, dm: pl.LightningDataModule) -> pl.LightningModule:
-    """A fresh LightningModule for a family (weights from the embeddings stage when asked)."""
+    """A fresh LightningModule for a family (weights from the embeddings stage when asked).
+
+    First the data are checked to give an epoch of one batch at least: a sweep trial and `capline train` both
+    build their module here, so a too small epoch_fraction stops them before any work.
+    """
+    check_epoch_fraction(p, family, dm)
     embeddings = pretrained_embeddings(p, family)
     model_cfg = getattr(p.models, family).model_dump()
     train_cfg = getattr(p.train, family).model_dump()
