@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 # The whole DAG on the embedded default data: data stages, sweeps, final models, evaluation, report.
 demo: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/capline repro
 
 test: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest
