@@ -109,8 +109,13 @@ def full_repo(tmp_path_factory) -> Path:
 
 
 def test_full_repro_sweeps_trains_registers_evaluates_reports_then_does_nothing(full_repo: Path):
-    out = sh(full_repo, "dvc", "repro")
-    assert ran(out) == DATA_STAGES | MODEL_STAGES | {"features", "report"}
+    out = sh(full_repo, "capline", "repro")  # what `make demo` runs: dvc repro, then each stage's wall time
+    stages = DATA_STAGES | MODEL_STAGES | {"features", "report"}
+    assert ran(out) == stages
+    table = out[out.rindex("stage "):].splitlines()
+    timed = {m.group(1): float(m.group(2)) for line in table if (m := re.match(r"(\S+)\s+([\d.]+)s$", line))}
+    assert set(timed) == stages and all(t > 0 for t in timed.values())
+    assert re.match(rf"total\s+[\d.]+s  \(\d+ min \d+ s, {len(stages)} of {len(stages)} stages ran\)$", table[-1])
     for family in FAMILIES:
         best = json.loads((full_repo / f"artifacts/sweeps/{family}/best.json").read_text())
         sweep = json.loads((full_repo / f"metrics/sweep_{family}.json").read_text())
