@@ -294,7 +294,8 @@ def serve(
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    argv, env = tracking.serve_command(model["path"], host, port, workers, p.serve.model_dump())
+    overrides = p.serve.model_dump(exclude={"max_request_bytes"})
+    argv, env = tracking.serve_command(model["path"], host, port, workers, overrides, p.serve.max_request_bytes)
     if p.runtime.threads:  # torch in the server process reads its thread count from here
         env["OMP_NUM_THREADS"] = str(p.runtime.threads)
     typer.echo(f"serving {model['uri']} (version {model['version']}, every file as registered) from "

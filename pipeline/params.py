@@ -295,6 +295,7 @@ class ServeParams(Section):
     max_records: int = Field(ge=1, le=10_000)
     max_image_pixels: int = Field(ge=1, le=89_478_485)  # at most Pillow's own bomb limit (Image.MAX_IMAGE_PIXELS)
     temperature: float = Field(gt=0.0, le=10.0)
+    max_request_bytes: int = Field(ge=1024)  # the server's cap on a request body, not part of the model
 
 
 class RuntimeParams(Section):

@@ -61,7 +61,8 @@ def test_file_digests_are_compared_file_by_file():
 def test_the_server_refuses_pickles_and_takes_the_serve_time_caps(tmp_path):
     argv, env = serve_command(tmp_path, "127.0.0.1", 5005, 2, {"max_records": 3, "max_image_pixels": 100,
                                                              "temperature": 0.5})
-    assert argv[1:4] == ["-m", "uvicorn", "--host"] and argv[-1] == "mlflow.pyfunc.scoring_server.app:app"
+    assert argv[1:4] == ["-m", "uvicorn", "--host"] and argv[-1] == "pipeline.tracking.serving_app:app"
+    assert env["CAPLINE_SERVE_MAX_REQUEST_BYTES"] == str(64 << 20)
     assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
     assert json.loads(env["SERVING_MODEL_CONFIG"]) == {"max_records": 3, "max_image_pixels": 100, "temperature": 0.5}
     assert str(tmp_path) in " ".join(env.values())

@@ -33,6 +33,9 @@ SERVE_KEYS = ("temperature", "max_records", "max_image_pixels")  # what `capline
 # explicit: inferring them would load the model in a subprocess (slow)
 REQUIREMENTS = ["torch", "pytorch-lightning", "pillow", "numpy", "nltk", "pydantic"]
 CHUNK = 1 << 20
+SCORING_APP = "mlflow.pyfunc.scoring_server.app:app"  # what MLflow's scoring server command runs
+SERVING_APP = "pipeline.tracking.serving_app:app"  # the same app behind a cap on the request body
+MAX_BYTES_ENV = "CAPLINE_SERVE_MAX_REQUEST_BYTES"  # how serve_command tells SERVING_APP its cap
 # written by MLflow's client into every download of models:/<name>/<version> (the name and version), never
 # read back: not part of what was registered, and overwritten whatever the store holds under that name
 CLIENT_FILES = {"registered_model_meta"}
@@ -143,12 +146,14 @@ def fetch_model(uri: str, family: str, alias: str, dest: str | Path) -> dict[str
 
 
 def serve_command(model_dir: str | Path, host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
-                  overrides: Mapping[str, Any] | None = None) -> tuple[list[str], dict[str, str]]:
+                  overrides: Mapping[str, Any] | None = None,
+                  max_request_bytes: int = 64 << 20) -> tuple[list[str], dict[str, str]]:
     """argv and extra environment of MLflow's scoring server for a fetched (checked) model folder.
 
     The command is the one `mlflow models serve --env-manager local` runs (uvicorn with MLflow's scoring
-    app), started directly so that the checked folder is served as it is, not copied again. overrides:
-    serve-time values of SERVE_KEYS replacing those registered. Pickled models are refused outright.
+    app, wrapped by `serving_app` in a cap of max_request_bytes on the body), started directly so that the
+    checked folder is served as it is, not copied again. overrides: serve-time values of SERVE_KEYS replacing
+    those registered. Pickled models are refused outright.
     """
     from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
     from mlflow.pyfunc import scoring_server
@@ -160,9 +165,13 @@ def serve_command(model_dir: str | Path, host: str = "127.0.0.1", port: int = 50
     argv = shlex.split(command)
     if argv[0] == "uvicorn":  # this interpreter's uvicorn, whatever PATH holds
         argv = [sys.executable, "-m", "uvicorn", *argv[1:]]
+    if argv[-1] != SCORING_APP:
+        raise RuntimeError(f"MLflow's scoring server command changed ({command}); expected it to run {SCORING_APP}")
+    argv[-1] = SERVING_APP
     env = {k: full_env[k] for k in (scoring_server._SERVER_MODEL_PATH, "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT")
            if k in full_env}
     env[MLFLOW_ALLOW_PICKLE_DESERIALIZATION.name] = "false"
+    env[MAX_BYTES_ENV] = str(max_request_bytes)
     if overrides:
         env[scoring_server.SERVING_MODEL_CONFIG] = json.dumps(dict(overrides))
     return argv, env

@@ -2,7 +2,7 @@
 its problem, and nothing of the server (no traceback, no path); the request caps hold; the server goes on.
 
 One real `capline serve` on 127.0.0.1 for the whole module (starting it is the slow part), with small caps:
-serve.max_records=4, serve.max_image_pixels=100000.
+serve.max_records=4, serve.max_image_pixels=100000, serve.max_request_bytes=262144.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tests.test_serve import post, register_captioner, start_server, stop, wait_
 
 pytestmark = pytest.mark.slow
 
-MAX_RECORDS, MAX_PIXELS = 4, 100_000
+MAX_RECORDS, MAX_PIXELS, MAX_BYTES = 4, 100_000, 262_144
 SERVER_TEXT = re.compile(r"Traceback|File \"|site-packages|/tmp/|/work/|\.py\b|stack_trace")
 
 
@@ -46,7 +46,8 @@ def server(prepared_params, tmp_path_factory):
     p = params_under(prepared_params, root)
     trained = register_captioner(p)
     good = sorted(Path(p.data.coco.images).glob("*.jpg"))[0].read_bytes()
-    proc, url, log = start_server(p, root, f"serve.max_records={MAX_RECORDS}", f"serve.max_image_pixels={MAX_PIXELS}")
+    proc, url, log = start_server(p, root, f"serve.max_records={MAX_RECORDS}", f"serve.max_image_pixels={MAX_PIXELS}",
+                                  f"serve.max_request_bytes={MAX_BYTES}")
     try:
         wait_until_up(proc, url, log)
         yield url, good, load_module("captioner", trained["best_checkpoint"]), p
@@ -120,3 +121,25 @@ def test_a_request_mlflow_cannot_parse_is_a_4xx_without_server_paths(server):
         status, body = answer(url, payload)
         assert 400 <= status < 500, body
         assert not SERVER_TEXT.search(json.dumps(body)), body
+
+
+def test_a_body_over_the_byte_cap_is_a_413_before_it_is_parsed_whether_declared_or_chunked(server):
+    import http.client
+    from urllib.parse import urlparse
+
+    url, good, _, _ = server
+    big = json.dumps(records(b64(b"x" * MAX_BYTES))).encode()
+    status, body = answer(url, big)
+    assert status == 413, body
+    assert body["message"] == (f"request body of {len(big):,} bytes is over this server's limit of {MAX_BYTES:,} "
+                               f"bytes (serve.max_request_bytes): send fewer or smaller images per request")
+    where = urlparse(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    conn.request("POST", "/invocations", body=iter([big[:100_000], big[100_000:]]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    reply = conn.getresponse()
+    assert reply.status == 413 and "serve.max_request_bytes" in json.loads(reply.read())["message"]
+    conn.close()
+    _, _, module, p = server
+    expected = caption_bytes(module, [good], p.evaluate.beam_size, p.evaluate.alpha)
+    assert post(url, records(b64(good))) == {"predictions": expected}  # the server goes on
