@@ -17,8 +17,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipeline import tracking
-from pipeline.params import Params, SweepFamilyParams
-from pipeline.training.fit import FAMILIES, MONITOR
+from pipeline.params import Params, SweepFamilyParams, apply_overrides, validate_params
+from pipeline.training.fit import FAMILIES, MONITOR, build_datamodule, check_epoch_fraction, vocabulary
 from pipeline.tuning import records, state
 from pipeline.tuning.results import SweepResult, metric_figure, summarise
 from pipeline.tuning.space import search_space
@@ -126,6 +126,18 @@ def _concurrency(s: SweepFamilyParams) -> int | None:
     return max(1, int(fits))
 
 
+def check_trial_epochs(p: Params, family: str, s: SweepFamilyParams) -> None:
+    """A trial's epoch (sweep.<family>.epoch_fraction of the batches) must hold one batch, at the largest batch
+    size the space can draw: checked once before Ray starts, not found by every trial (ValueError naming keys)."""
+    key = f"train.{family}.batch_size"
+    overrides: dict[str, Any] = {f"train.{family}.epoch_fraction": s.epoch_fraction}
+    if key in s.space:  # the largest batch size the space can draw gives the fewest batches
+        (kind, values), = s.space[key].items()
+        overrides[key] = int(max(values)) - (kind == "randint")  # randint's upper bound is exclusive
+    trial = validate_params(apply_overrides(p.to_dict(), overrides))
+    check_epoch_fraction(trial, family, build_datamodule(trial, family, vocabulary(trial, family)))
+
+
 def _check_resources(s: SweepFamilyParams, family: str) -> None:
     """Fail at once when one trial needs more than the whole (local) cluster has, instead of waiting."""
     total = ray.cluster_resources()
@@ -208,6 +220,7 @@ def run_sweep(p: Params, family: str, *, address: str | None = None, resume: boo
     path = f"{storage_root(p.paths.ray_storage, family)}/{name}"
     uri, experiment = absolute_uri(p.tracking.uri), p.tracking.experiment
     tracking.check_server(uri)  # an unreachable tracking server stops the sweep before Ray starts
+    check_trial_epochs(p, family, s)
     started_ray = init_ray(address, dashboard=s.num_workers > 1)
     try:
         if started_ray and address is None:

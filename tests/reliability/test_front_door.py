@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import yaml
 from pipeline.errors import run_entry
 from pipeline.io import read_json
 from pipeline.params import apply_overrides
-from tests.conftest import ROOT, TINY, params_under
+from tests.conftest import ROOT, TINY, overrides_under, params_under
 
 BIN = Path(sys.executable).parent
 CAPLINE = shutil.which("capline", path=str(BIN)) or str(BIN / "capline")
@@ -232,3 +233,15 @@ def test_an_epoch_fraction_below_one_batch_stops_before_training_naming_both_key
                                          r" is 1e-06: less than one of the \d+ training batches"):
         train(p, "lstm_lm", logger=False)
     assert not (tmp_path / "models").exists()  # nothing trained or written
+
+
+def test_a_sweep_whose_trials_would_get_no_batch_stops_before_ray_starts(prepared_params, tmp_path):
+    given = {**overrides_under(prepared_params, tmp_path), "paths.ray_storage": str(tmp_path / "ray"),
+             "sweep.lstm_lm.epoch_fraction": 1e-6,
+             "sweep.lstm_lm.space": {"train.lstm_lm.batch_size": {"choice": [4, 8]}}}
+    argv = [CAPLINE, "sweep", "lstm_lm", "--params", str(ROOT / "params.yaml"), *sets(given)]
+    line = one_line(run(argv, tmp_path), 1)
+    assert re.fullmatch(r"capline: train\.lstm_lm\.epoch_fraction \(sweep\.lstm_lm\.epoch_fraction in a sweep\) is "
+                        r"1e-06: less than one of the \d+ training batches per epoch; raise it to at least [\d.e-]+ "
+                        r"or lower train\.lstm_lm\.batch_size \(8\)", line), line  # the space's largest batch
+    assert not (tmp_path / "ray").exists()  # Ray never started a sweep
