@@ -13,8 +13,9 @@ import typer
 import yaml
 from typer.core import TyperGroup
 
-from pipeline.errors import DEBUG_ENV, debug_requested, run_entry
+from pipeline.errors import DEBUG_ENV, VERBOSE_ENV, debug_requested, run_entry
 from pipeline.params import DEFAULT_PATH, load_params
+from pipeline.quiet import quiet
 from pipeline.redact import redact
 from pipeline.runtime import set_threads
 
@@ -24,6 +25,10 @@ class OneLineErrors(TyperGroup):
 
     def invoke(self, ctx):  # ctx.params: this group's own options (--debug), parsed before any command runs
         debug = bool(ctx.params.get("debug")) or debug_requested(os.environ.get(DEBUG_ENV))
+        verbose = bool(ctx.params.get("verbose")) or debug_requested(os.environ.get(VERBOSE_ENV))
+        if verbose:
+            os.environ[VERBOSE_ENV] = "1"  # the stages `capline repro` runs through dvc inherit it
+        quiet(verbose)
         return run_entry(functools.partial(super().invoke, ctx), debug=debug)
 
 
@@ -71,7 +76,10 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 
 @app.callback()
 def _options(debug: Annotated[bool, typer.Option(
-        "--debug", help=f"Show the traceback of known errors too (or set {DEBUG_ENV}=1).")] = False) -> None:
+        "--debug", help=f"Show the traceback of known errors too (or set {DEBUG_ENV}=1).")] = False,
+             verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help=f"Keep the libraries' info lines and known warnings (or set {VERBOSE_ENV}=1).")]
+             = False) -> None:
     """capline: DVC + Ray Tune + Lightning + MLflow pipeline for captioning and LMs."""
 
 

@@ -17,6 +17,7 @@ from pipeline.params import ParamsError
 T = TypeVar("T")
 
 DEBUG_ENV = "CAPLINE_DEBUG"  # read by the front doors (pipeline/cli.py, stages/), never by the library
+VERBOSE_ENV = "CAPLINE_VERBOSE"  # the same: third-party info lines and known warnings (pipeline/quiet.py)
 PARAMS_EXIT, ERROR_EXIT = 2, 1
 
 # Always known: params, files that are missing or of the wrong kind, malformed content (every ValueError of the

@@ -6,9 +6,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.errors import DEBUG_ENV, debug_requested, run_entry
+from pipeline.errors import DEBUG_ENV, VERBOSE_ENV, debug_requested, run_entry
+from pipeline.quiet import quiet
 
 
 def entry(work: Callable[[], Any]) -> None:
-    """Run a stage's work through the one error path: a known error is one line (CAPLINE_DEBUG=1: traceback too)."""
+    """Run a stage's work through the one error path: a known error is one line (CAPLINE_DEBUG=1: traceback too);
+    third-party chatter is off unless CAPLINE_VERBOSE=1."""
+    quiet(debug_requested(os.environ.get(VERBOSE_ENV)))
     run_entry(work, debug=debug_requested(os.environ.get(DEBUG_ENV)))
