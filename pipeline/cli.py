@@ -205,17 +205,13 @@ def caption(
     checkpoint: CheckpointOpt = None, params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None,
 ) -> None:
     """Caption image files with a trained captioner."""
-    from pipeline.inference import attention_strip, caption_images, load_images
+    from pipeline.inference import attention_strip, caption_files, load_images
     from pipeline.training.fit import checkpoint_path, load_module
 
     p = _load(params, set_)
     set_threads(p.runtime.threads)
     module = load_module("captioner", checkpoint or checkpoint_path(p, "captioner"))
-    try:
-        results = caption_images(module, images, beam or p.evaluate.beam_size, p.evaluate.alpha)
-    except ValueError as err:
-        typer.secho(str(err), fg="red", err=True)
-        raise typer.Exit(1) from None
+    results, bad = caption_files(module, images, beam or p.evaluate.beam_size, p.evaluate.alpha)
     for result in results:
         typer.echo(f"{result.path}: {result.text}")
         if attention_out is not None and result.attention is not None:
@@ -226,6 +222,10 @@ def caption(
             typer.echo(f"  attention: {out}")
         elif attention_out is not None:
             typer.echo(f"  no attention maps: arch {module.model_cfg.arch} has no soft attention")
+    for problem in bad:  # the others are captioned all the same
+        typer.secho(problem, fg="red", err=True)
+    if bad:
+        raise typer.Exit(1)
 
 
 @app.command()

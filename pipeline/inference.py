@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.images import ImageLimits, ImageSkip, load_image
-from pipeline.data.tokenize import tokenize
+from pipeline.data.tokenize import detokenize, tokenize
 from pipeline.data.vocab import END_ID
 from pipeline.decoding import beam_search, generate_text
 from pipeline.training.modules import CaptioningModule, LanguageModelModule
@@ -30,7 +30,7 @@ class Caption:
 
     @property
     def text(self) -> str:
-        return " ".join(self.words)
+        return detokenize(self.words)
 
 
 def load_images(paths: list[Path], size: int) -> np.ndarray:
@@ -57,10 +57,23 @@ def caption_array(module: CaptioningModule, images: np.ndarray, beam_size: int,
 
 
 def caption_images(module: CaptioningModule, paths: list[Path], beam_size: int, alpha: float) -> list[Caption]:
-    """Beam-search captions for image files."""
+    """Beam-search captions for image files (a bad file is an error naming it)."""
     images = load_images(paths, int(module.hparams["image_size"]))
     return [Caption(path, words, att) for path, (words, att) in
             zip(paths, caption_array(module, images, beam_size, alpha), strict=True)]
+
+
+def caption_files(module: CaptioningModule, paths: list[Path], beam_size: int,
+                  alpha: float) -> tuple[list[Caption], list[str]]:
+    """Captions of the usable files among `paths`, and one message per file that could not be used."""
+    good, bad = [], []
+    for path in paths:
+        try:
+            load_images([path], int(module.hparams["image_size"]))
+            good.append(path)
+        except ValueError as err:
+            bad.append(str(err))
+    return (caption_images(module, good, beam_size, alpha) if good else []), bad
 
 
 def attention_strip(image: np.ndarray, words: list[str], attention: torch.Tensor, cell: int = 128) -> Image.Image:
@@ -101,7 +114,7 @@ def generate(module: LanguageModelModule, prompt: str, length: int, temperature:
     vocab = module.vocab_tokens
     if module.model_cfg.level == "char":
         return prompt + "".join("\n" if i == END_ID else vocab[i] for i in ids)
-    return prompt + " " + " ".join("\n" if i == END_ID else vocab[i] for i in ids)
+    return prompt + " " + detokenize(["\n" if i == END_ID else vocab[i] for i in ids])
 
 
 class BadRecord(ValueError):
@@ -164,4 +177,4 @@ def caption_bytes(module: CaptioningModule, images: list[object], beam_size: int
         raise BadRecords(bad)
     if not arrays:
         return []
-    return [" ".join(words) for words, _ in caption_array(module, np.stack(arrays), beam_size, alpha)]
+    return [detokenize(words) for words, _ in caption_array(module, np.stack(arrays), beam_size, alpha)]

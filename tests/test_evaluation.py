@@ -101,6 +101,16 @@ def test_cli_evaluate_caption_generate(trained, prepared_params, tmp_path):
     result = runner.invoke(app, ["generate", "transformer_lm", "--prompt", "def ", "--length", "10", *sets])
     assert result.exit_code == 0 and result.output.startswith("def ")
 
+    # a bad file among good ones: the good are captioned, the bad named, exit 1
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    second = sorted((Path(prepared_params.paths.sample) / "images").glob("*.jpg"))[1]
+    result = runner.invoke(app, ["caption", str(image), str(bad), str(second), "--beam", "2", *sets])
+    assert result.exit_code == 1, result.output
+    assert [line.split(": ")[0] for line in result.stdout.splitlines()] == [str(image), str(second)]
+    problem = "cannot use this image (not_an_image: not an image format Pillow can identify)"
+    assert result.stderr.strip() == f"{bad}: {problem}"
+
 
 def test_cli_train_prints_the_checkpoint(prepared_params, tmp_path):
     sets = [f"{k}={json.dumps(v)}" for k, v in overrides_under(prepared_params, tmp_path).items()]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import unicodedata
 
 from nltk.tokenize import word_tokenize
+from nltk.tokenize.treebank import TreebankWordDetokenizer
+
+_DETOKENIZER = TreebankWordDetokenizer()
 
 
 def normalise(text: str) -> str:
@@ -23,3 +26,14 @@ def tokenize(text: str, lowercase: bool = True) -> list[str]:
     if lowercase:
         text = text.lower()
     return word_tokenize(text, preserve_line=True)
+
+
+def detokenize(tokens: list[str]) -> str:
+    """Text from word tokens as a reader writes it ("a dog , on it ." -> "a dog, on it."); "\n" tokens end lines."""
+    lines: list[list[str]] = [[]]
+    for token in tokens:
+        if token == "\n":
+            lines.append([])
+        else:
+            lines[-1].append(token)
+    return "\n".join(_DETOKENIZER.detokenize(line) for line in lines)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.tokenize import detokenize
 from pipeline.report.blocks import Example, Sample, Section, Table, Text, missing
 from pipeline.report.figures import (
     FigureSink,
@@ -66,9 +67,9 @@ def captioner_section(captions: Sequence[CaptionedImage] | None, why_missing: st
         strip = None
         if item.attention is not None and i < attention_images:
             pil = attention_strip(item.image, item.words, item.attention)
-            strip = sink(image_figure(np.asarray(pil)), f"attention of each word of: {' '.join(item.words)}",
+            strip = sink(image_figure(np.asarray(pil)), f"attention of each word of: {detokenize(item.words)}",
                          f"report/captioner/attention_{i}.png", run_id)
-        blocks.append(Example(f"image {item.image_id}", image, " ".join(item.words), item.references, strip))
+        blocks.append(Example(f"image {item.image_id}", image, detokenize(item.words), item.references, strip))
     if arch != "show_attend_tell":
         blocks.append(Text(f"No attention strips: arch {arch} has no per-word soft attention over the image."))
     return Section("captioner", title, blocks)

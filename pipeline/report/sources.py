@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline import tracking
+from pipeline.data.tokenize import detokenize
 from pipeline.io import read_json
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def caption_test_images(module: Any, coco_dir: Path, count: int, beam_size: int,
     attention = result.attention or [None] * count
     vocab = module.vocab_tokens
     return [CaptionedImage(rec["image_id"], images[i], [vocab[t] for t in result.tokens[i]],
-                           [" ".join(c) for c in rec["captions"]], attention[i])
+                           [detokenize(c) for c in rec["captions"]], attention[i])
             for i, rec in enumerate(records[:count])]
 
 

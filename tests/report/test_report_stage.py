@@ -11,6 +11,7 @@ import pytest
 
 from pipeline import tracking
 from pipeline.data.coco import read_captions
+from pipeline.data.tokenize import detokenize
 from pipeline.inference import caption_images, generate
 from pipeline.training.fit import checkpoint_path, load_module
 from stages import report as report_stage
@@ -53,7 +54,7 @@ def test_captioned_test_images_match_the_models_beam_search_on_the_image_files(b
     assert generated == [c.text for c in expected]
     for rec in records:
         for caption in rec["captions"]:
-            assert f"<li>{html.escape(' '.join(caption), quote=True)}</li>" in part
+            assert f"<li>{html.escape(detokenize(caption), quote=True)}</li>" in part  # as a reader writes it
     assert part.count("attention of each word of:") == 2 * p.report.attention_images  # alt text + caption
     assert module.model_cfg.arch == "show_attend_tell"
 
