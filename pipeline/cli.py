@@ -158,26 +158,29 @@ def runs(family: Annotated[Family | None, typer.Argument(help="Only this family'
     space = list(getattr(p.sweep, fam).space)
     table = Table(title=f"sweep {fam}: MLflow run {parent['run_id']} ({parent['status']})")
     for column in ("trial", "run id", "status", monitor, *space):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "run id", min_width=32 if column == "run id" else None)
     trials = tracking.child_runs(p.tracking.uri, p.tracking.experiment, parent["run_id"])
     for run in sorted(trials, key=lambda r: r["tags"].get("ray.trial_id", "")):
         value = run["metrics"].get(monitor, run["metrics"].get(monitor.replace("/", "_")))
-        status = "diverged" if run["tags"].get("diverged") == "true" else run["status"]
+        # Tune's outcome (completed / early_stopped / errored) over MLflow's FINISHED, which ASHA's stops also get
+        status = "diverged" if run["tags"].get("diverged") == "true" else run["tags"].get("sweep.status",
+                                                                                         run["status"])
         table.add_row(run["tags"].get("ray.trial_id", "?"), run["run_id"], status,
                       "" if value is None else f"{value:.4f}", *(run["params"].get(k, "") for k in space))
     Console().print(table)
 
 
 @app.command()
-def reproduce(run_id: Annotated[str, typer.Argument(help="MLflow run id of a sweep trial.")],
+def reproduce(run_id: Annotated[str, typer.Argument(help="MLflow run id of a sweep trial, or a unique start of it.")],
               tolerance: Annotated[float, typer.Option(help="Largest relative difference accepted.")] = 1e-3,
               params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None) -> None:
     """Rerun one trial outside Ray from its recorded config and seed; exit 1 if its metric differs."""
+    from pipeline import tracking
     from pipeline.reproduce import reproduce_trial
 
     p = _load(params, set_)
     set_threads(p.runtime.threads)
-    report = reproduce_trial(p, run_id, tolerance)
+    report = reproduce_trial(p, tracking.resolve_run_id(p.tracking.uri, p.tracking.experiment, run_id), tolerance)
     typer.echo(yaml.safe_dump(report, sort_keys=False))
     if report["data_changed"]:
         typer.secho(f"data changed since the trial: {', '.join(report['data_changed'])}", fg="yellow", err=True)

@@ -92,3 +92,26 @@ def test_data_download_bad_checksum_is_a_clear_error(local_server, tmp_path: Pat
     assert result.exit_code == 1
     assert "tinyshakespeare.txt" in result.output or "input.txt" in result.output
     assert not (tmp_path / "ts" / "tinyshakespeare.txt").exists()
+
+
+def test_runs_and_reproduce_never_create_a_store_that_is_not_there(tmp_path: Path):
+    db = tmp_path / "mlflow.db"
+    uri = ["--params", str(ROOT / "params.yaml"), "--set", f"tracking.uri=sqlite:///{db}"]
+    result = runner.invoke(app, ["runs", *uri])
+    assert result.exit_code == 1 and "no sweep in sqlite:///" in result.output
+    result = runner.invoke(app, ["reproduce", "abc123", *uri])
+    assert result.exit_code == 1 and "no MLflow store there (nothing tracked yet)" in result.output
+    assert not db.exists()
+
+
+def test_reproduce_names_an_ambiguous_or_unknown_run_id_start(tmp_path: Path):
+    from pipeline import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ids = [tracking.create_run(uri, "capline", f"r{i}") for i in range(2)]
+    assert tracking.resolve_run_id(uri, "capline", ids[0][:10]) == ids[0]
+    assert tracking.resolve_run_id(uri, "capline", ids[1]) == ids[1]
+    with pytest.raises(ValueError, match=r"run id 'zz': no run of experiment 'capline' start with it; give more"):
+        tracking.resolve_run_id(uri, "capline", "zz")
+    with pytest.raises(ValueError, match=r"run id '': 2 runs \("):
+        tracking.resolve_run_id(uri, "capline", "")

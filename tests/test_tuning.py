@@ -228,7 +228,9 @@ def test_two_trial_sweep_is_tracked_as_nested_runs_and_rerun_reuses_it(local_ray
     table = CliRunner().invoke(app, ["runs", FAMILY, *sets], env={"COLUMNS": "400"})
     assert table.exit_code == 0, table.output
     assert all(t.trial_id in table.output and t.run_id in table.output for t in result.trials)
-    again = CliRunner().invoke(app, ["reproduce", result.best.run_id, *sets])
+    rows = {line.split("│")[1].strip(): line for line in table.output.splitlines() if line.count("│") > 3}
+    assert all(t.status in rows[t.trial_id] for t in result.trials)  # completed / early_stopped, not FINISHED
+    again = CliRunner().invoke(app, ["reproduce", result.best.run_id[:8], *sets])  # a unique start of the id
     assert again.exit_code == 0, again.output
     report = yaml.safe_load(again.stdout)
     assert report["within_tolerance"] and report["recorded"] == pytest.approx(result.best.metric)

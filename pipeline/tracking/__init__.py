@@ -17,6 +17,7 @@ from pipeline.tracking.lookups import (
     list_artifacts,
     load_artifact_dict,
     metric_history,
+    resolve_run_id,
     run_exists,
     tag_filter,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "TrackedRun", "check_server", "child_runs", "configure", "create_run", "end_run", "fetch_model", "find_runs",
     "flatten", "get_run", "latest_sweep", "lightning_logger", "lineage_tags", "list_artifacts",
     "load_artifact_dict", "log_artifact", "log_dict", "log_figure", "log_metrics", "log_params_flat",
-    "mark_stale_runs", "metric_history", "params_hash", "register_checkpoint", "reopen_run", "run_exists",
+    "mark_stale_runs", "metric_history", "params_hash", "register_checkpoint", "reopen_run", "resolve_run_id",
+    "run_exists",
     "serve_command", "set_tags", "start_run", "tag_filter", "use",
 ]

@@ -10,7 +10,8 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.store import configure, use
+from pipeline.redact import redact
+from pipeline.tracking.store import _sqlite_file, configure, use
 
 
 def _record(run: Any) -> dict[str, Any]:
@@ -52,8 +53,30 @@ def child_runs(uri: str, experiment: str, parent_run_id: str) -> list[dict[str, 
                      order_by=["attributes.start_time ASC"])
 
 
+def store_exists(uri: str) -> bool:
+    """False for a SQLite store whose file is not there (a lookup would create it); servers: True."""
+    db = _sqlite_file(uri)
+    return db is None or db.is_file()
+
+
+def resolve_run_id(uri: str, experiment: str, prefix: str) -> str:
+    """The run of `experiment` whose id is `prefix` or the only one starting with it (ValueError otherwise)."""
+    if not store_exists(uri):
+        raise ValueError(f"{redact(uri)}: no MLflow store there (nothing tracked yet); check tracking.uri")
+    ids = [r["run_id"] for r in find_runs(uri, experiment) if r["run_id"].startswith(prefix)]
+    if prefix in ids:
+        return prefix
+    if len(ids) != 1:
+        found = "no run" if not ids else f"{len(ids)} runs ({', '.join(i[:12] for i in ids[:5])}, ...)"
+        raise ValueError(f"run id {prefix!r}: {found} of experiment {experiment!r} start with it; "
+                         f"give more of the id (capline runs lists them)")
+    return ids[0]
+
+
 def latest_sweep(uri: str, experiment: str, family: str | None = None) -> dict[str, Any] | None:
-    """The most recently started sweep (parent) run, of one family when given."""
+    """The most recently started sweep (parent) run, of one family when given (None in a store not yet made)."""
+    if not store_exists(uri):
+        return None
     tags = {"capline.kind": "sweep", **({"family": family} if family else {})}
     runs = find_runs(uri, experiment, tag_filter(tags), max_results=1)
     return runs[0] if runs else None
