@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DEBUG_ENV, VERBOSE_ENV, debug_requested, run_entry
+from pipeline.params import Params
 from pipeline.quiet import quiet
+
+
+def best_path(p: Params, family: str) -> Path:
+    """Where sweep@<family> writes its best configuration and train@<family> reads it."""
+    return Path(p.paths.sweeps) / family / "best.json"
 
 
 def entry(work: Callable[[], Any]) -> None:

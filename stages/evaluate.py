@@ -1,6 +1,6 @@
 """Score a trained model family on the test split.
 
-DVC stage `evaluate@<family>` (later issues): {paths.models}/<family>/best.ckpt + test data
+DVC stage `evaluate@<family>`: {paths.models}/<family>/best.ckpt + test data
 -> metrics/evaluate_<family>.json (captioner: BLEU-1..4, METEOR, ROUGE-L, CIDEr with beam search;
 language models: test loss, perplexity, bits per character and the unigram baseline)
 """

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.data import SPLITS
 from pipeline.io import atomic_dir, write_json
 from pipeline.params import Params, load_params
 from pipeline.runtime import set_threads
 from stages import entry
-
-SPLITS = ("train", "val", "test")
 
 
 def extract_splits(p: Params, out_dir: Path) -> dict:

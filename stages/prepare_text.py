@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data.text import SPLITS, default_corpus, read_corpus, split_corpus, word_lines
+from pipeline.data import SPLITS
+from pipeline.data.text import default_corpus, read_corpus, split_corpus, word_lines
 from pipeline.io import atomic_dir, write_json
 from pipeline.params import Params, load_params
 from stages import entry

@@ -13,16 +13,11 @@ from pathlib import Path
 from pipeline.io import write_json
 from pipeline.params import Params, load_params
 from pipeline.training.fit import FAMILIES, MONITOR
-from stages import entry
+from stages import best_path, entry
 
 
 class NoTrialFinished(RuntimeError):
     """Every trial of a sweep errored or diverged: there is no configuration to train."""
-
-
-def best_path(p: Params, family: str) -> Path:
-    """Where a family's best configuration is written (and where train@<family> reads it)."""
-    return Path(p.paths.sweeps) / family / "best.json"
 
 
 def run(p: Params, family: str, address: str | None = None) -> dict:

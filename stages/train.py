@@ -15,12 +15,12 @@ from pipeline.io import read_json, write_json
 from pipeline.params import Params, apply_overrides, load_params, validate_params
 from pipeline.runtime import set_threads
 from pipeline.training.fit import FAMILIES, train
-from stages import entry
+from stages import best_path, entry
 
 
 def with_best_config(p: Params, family: str) -> tuple[Params, dict]:
     """Params with the sweep's winning overrides applied (validated like any override)."""
-    path = Path(p.paths.sweeps) / family / "best.json"
+    path = best_path(p, family)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no sweep result (run: dvc repro sweep@{family}, or capline sweep {family})")
     overrides = read_json(path).get("overrides")

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from pipeline.data import SPLITS
 from pipeline.data.coco import read_captions
-from pipeline.data.text import SPLITS
 from pipeline.data.vocab import Vocabulary, coverage
 from pipeline.io import atomic_dir, save_npy, write_json
 from pipeline.params import Params, load_params

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data import SPLITS
 from pipeline.data.images import (
     DECODE_REASONS,
     Decoder,
@@ -43,7 +44,6 @@ from pipeline.io import atomic_dir, claimed, remove_stale_temporaries, write_jso
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 RECORD_REASONS = ("bad_image_record", "outside_images_folder", "duplicate_image_id", "duplicate_file_name",
                   "duplicate_content", "no_valid_caption")
 CAPTION_REASONS = ("bad_caption_record", "unknown_image_id", "non_string_caption", "empty_caption")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data import SPLITS
 from pipeline.data.images import sha256_file
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.models.encoders import ImageEncoder, pretrained_weights_file
@@ -24,7 +25,6 @@ from pipeline.params import CaptionerParams
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-SPLITS = ("train", "val", "test")
 DTYPES = ("float16", "float32")
 RERUN = "rerun `dvc repro features`"
 

@@ -6,9 +6,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from pipeline.data import SPLITS
 from pipeline.data.tokenize import normalise, tokenize
-
-SPLITS = ("train", "val", "test")
 
 
 def default_corpus() -> list[tuple[str, str]]:

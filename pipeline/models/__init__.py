@@ -1,1 +1,1 @@
-"""Neural network modules: image encoders and captioners (see notes/issue3-interfaces.md), language models."""
+"""Neural network modules: image encoders, captioners and language models."""

@@ -2,9 +2,9 @@
 
 Every captioner has `encode(images) -> memory` (= `encode_features(encoder(images))`, so pre-extracted
 features skip the CNN), a teacher-forced `forward(memory, inputs) -> (logits (B, T, V), aux)`, and the
-incremental protocol `init_state` / `step` / `select` used by pipeline.decoding (see
-notes/issue3-interfaces.md). `step` repeated over the teacher-forced inputs reproduces `forward`'s
-log-softmax exactly (in eval mode), which is what makes decoding correct.
+incremental protocol `init_state` / `step` / `select` used by pipeline.decoding. `step` repeated over the
+teacher-forced inputs reproduces `forward`'s log-softmax exactly (in eval mode), which is what makes
+decoding correct.
 """
 
 from __future__ import annotations

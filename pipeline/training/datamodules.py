@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data import SPLITS
 from pipeline.data.coco import read_captions
 from pipeline.data.vocab import Vocabulary
 from pipeline.training.datasets import (
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CaptionDataModule", "LanguageModelDataModule", "ResumableLoader"]
 
-SPLITS = ("train", "val", "test")
 
 
 class CaptionDataModule(ResumableDataModule):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.features import SPLITS, check_manifest, extract_features, read_manifest, write_manifest
+from pipeline.data import SPLITS
+from pipeline.data.features import check_manifest, extract_features, read_manifest, write_manifest
 from pipeline.data.images import sha256_file
 from pipeline.io import write_json
 from pipeline.models.encoders import SmallCnnEncoder, build_encoder, efficientnet_weights_file
