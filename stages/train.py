@@ -4,17 +4,22 @@ DVC stage `train@<family>` (`python -m stages.train <family> --best`): the sweep
 ({paths.sweeps}/<family>/best.json) applied over params, trained for train.<family>.max_epochs, registered
 in the MLflow Model Registry as `capline-<family>` with the alias `champion`
 -> {paths.models}/<family>/{best,last}.ckpt, metrics/train_<family>.json
+
+The folder is a persistent DVC output: an interrupted `dvc repro` leaves its checkpoints, and the rerun
+continues from last.ckpt when the params and the data are those it was started with (`resume_key.json`,
+removed when training completes); otherwise the folder is cleared and training starts over.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 from pipeline.io import read_json, write_json
 from pipeline.params import Params, apply_overrides, load_params, validate_params
 from pipeline.runtime import set_threads
-from pipeline.training.fit import FAMILIES, train
+from pipeline.training.fit import FAMILIES, checkpoint_path, train
 from stages import best_path, entry
 
 
@@ -29,13 +34,49 @@ def with_best_config(p: Params, family: str) -> tuple[Params, dict]:
     return validate_params(apply_overrides(p.to_dict(), overrides, source=str(path)), source=str(path)), overrides
 
 
-def run(p: Params, family: str, resume: bool = False, best: bool = False, register: bool = False) -> dict:
-    """Fit `family` (optionally with the sweep's best config); write metrics/train_<family>.json."""
+RESUME_KEY = "resume_key.json"
+DATA = ("coco", "text", "vocab", "encoded", "embeddings", "features")  # paths whose DVC hashes a run depends on
+
+
+def resume_key(p: Params, family: str) -> str:
+    """Hash of what the family's checkpoints depend on: the params (best config applied) and the data's DVC hashes."""
+    from pipeline import tracking  # here: a GPU box without mlflow still trains with `capline train`
+
+    roots = [getattr(p.paths, k).rstrip("/") for k in DATA]
+    data = {k: v for k, v in tracking.lineage_tags(Path.cwd()).items()
+            if k.startswith("dvc.") and any(k[4:] == r or k[4:].startswith(r + "/") for r in roots)}
+    return tracking.params_hash({"family": family, "params": p.to_dict(), "data": data})
+
+
+def continue_or_clear(p: Params, family: str) -> bool:
+    """True when the folder holds an interrupted run of these params and data to continue; else clear it."""
+    folder, key = checkpoint_path(p, family).parent, resume_key(p, family)
+    marker = folder / RESUME_KEY
+    if (folder / "last.ckpt").is_file() and marker.is_file() and read_json(marker).get("key") == key:
+        print(f"train {family}: continuing the interrupted run from {folder / 'last.ckpt'} (same params and data)",
+              flush=True)
+        return True
+    shutil.rmtree(folder, ignore_errors=True)  # another run's checkpoints, or a finished one's: start over
+    write_json(marker, {"key": key})
+    return False
+
+
+def run(p: Params, family: str, resume: bool = False, best: bool = False, register: bool = False,
+        persist: bool = False) -> dict:
+    """Fit `family` (optionally with the sweep's best config); write metrics/train_<family>.json.
+
+    persist: the DVC stage's way (see the module's docstring): continue an interrupted run of the same
+    params and data, else start over in an empty folder.
+    """
     set_threads(p.runtime.threads)
     overrides: dict = {}
     if best:
         p, overrides = with_best_config(p, family)
+    if persist:
+        resume = continue_or_clear(p, family)
     result = train(p, family, resume=resume)
+    if persist:
+        (checkpoint_path(p, family).parent / RESUME_KEY).unlink(missing_ok=True)  # finished: never continued
     metrics = {**result.to_dict(), "overrides": overrides}
     metrics.pop("history")  # the learning curve travels in the checkpoint; evaluate@ plots it
     if register and result.run_id:
@@ -56,7 +97,7 @@ def main() -> None:
     if not args or args[0] not in FAMILIES or set(args[1:]) - {"--best"}:
         sys.exit(f"usage: python -m stages.train {{{','.join(FAMILIES)}}} [--best]")
     best = "--best" in args
-    entry(lambda: run(load_params(), args[0], best=best, register=best))
+    entry(lambda: run(load_params(), args[0], best=best, register=best, persist=best))
 
 
 if __name__ == "__main__":

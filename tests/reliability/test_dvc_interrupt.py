@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,3 +76,40 @@ def test_ctrl_c_during_a_later_stage_reruns_only_the_stale_stages(repo_params, t
     assert ran(sh(repo, "dvc", "repro", "embeddings")) == {"embeddings"}  # vocab finished before Ctrl-C: kept
     assert ran(sh(repo, "dvc", "repro", "embeddings")) == set()
     assert (repo / "artifacts" / "embeddings" / "words.npy").is_file()
+
+
+def test_an_interrupted_final_training_continues_from_its_checkpoint_on_the_next_repro(tmp_path):
+    from tests.test_dvc_pipeline import TINY_SWEEPS, init_repo
+
+    corpus = tiny_corpus(tmp_path / "repo" / "corpus")
+    params = {**TINY, **TINY_SWEEPS, "data.text.files": [str(corpus.relative_to(tmp_path / "repo"))],
+              "train.lstm_lm.early_stopping_patience": 0}
+    repo = init_repo(tmp_path / "repo", params)
+    sh(repo, "dvc", "repro", "sweep@lstm_lm")
+    write_params(repo, {**params, "train.lstm_lm.max_epochs": 60})  # long enough to be interrupted
+    env = {**os.environ, **GIT_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log_path = tmp_path / "repro.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["dvc", "repro", "train@lstm_lm"], cwd=repo, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600  # liveness only
+        while "train lstm_lm: epoch 3/60" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=120) != 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    before = [int(e) for e in re.findall(r"train lstm_lm: epoch (\d+)/60", log_path.read_text())]
+    assert 3 <= before[-1] < 60 and not (repo / "metrics" / "train_lstm_lm.json").exists()
+
+    out = sh(repo, "dvc", "repro", "train@lstm_lm")
+    after = [int(e) for e in re.findall(r"train lstm_lm: epoch (\d+)/60", out)]
+    assert "continuing the interrupted run" in out
+    assert after[0] > 3 and after[0] >= before[-1] and after[-1] == 60  # went on, not from epoch 1
+    metrics = json.loads((repo / "metrics" / "train_lstm_lm.json").read_text())
+    assert metrics["epochs"] == 60 and not (repo / "artifacts" / "models" / "lstm_lm" / "resume_key.json").exists()
+    assert ran(sh(repo, "dvc", "repro", "train@lstm_lm")) == set()
