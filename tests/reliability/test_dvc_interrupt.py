@@ -37,6 +37,11 @@ def repo_params(tmp_path) -> tuple[Path, dict]:
     return repo, params
 
 
+def default_sigint() -> None:
+    """In the child: Ctrl-C's default action, whatever this process inherited (a shell's `&` ignores SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stage_process(dvc: psutil.Process, module: str) -> psutil.Process | None:
     """The `python -m <module>` process DVC started for a stage, if it is running."""
     for child in dvc.children(recursive=True):
@@ -54,7 +59,7 @@ def test_ctrl_c_during_a_later_stage_reruns_only_the_stale_stages(repo_params, t
     env = {**os.environ, **GIT_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log = open(tmp_path / "repro.log", "w+")
     proc = subprocess.Popen(["dvc", "repro", "embeddings"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     try:
         dvc, deadline = psutil.Process(proc.pid), time.time() + 600  # liveness only
         while (stage := stage_process(dvc, "stages.embeddings")) is None or time.time() - stage.create_time() < 1:
@@ -91,7 +96,7 @@ def test_an_interrupted_final_training_continues_from_its_checkpoint_on_the_next
     log_path = tmp_path / "repro.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(["dvc", "repro", "train@lstm_lm"], cwd=repo, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=default_sigint)
     try:
         deadline = time.time() + 600  # liveness only
         while "train lstm_lm: epoch 3/60" not in log_path.read_text():
