@@ -39,6 +39,12 @@ def run(p: Params, family: str, address: str | None = None) -> dict:
           f"{metrics['early_stopped']} stopped early, {metrics['errored']} errored) in "
           f"{metrics['wall_seconds']:.0f} s; best {MONITOR[family][0]} {result.best.metric:.4f} "
           f"with {result.best.config}")
+    for t in result.trials:  # the trials table (MLflow's compare view and `capline runs` have the rest)
+        value = "-" if t.metric is None else f"{t.metric:.4f}"
+        config = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.4g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                           for k, v in t.config.items())
+        print(f"  {'*' if t is result.best else ' '} {t.trial_id}  {t.status:<13} {t.epochs:>3} epochs  "
+              f"{MONITOR[family][0]} {value:>8}  {config}")
     return metrics
 
 

@@ -115,6 +115,9 @@ def test_full_repro_sweeps_trains_registers_evaluates_reports_then_does_nothing(
     table = out[out.rindex("stage "):].splitlines()
     timed = {m.group(1): float(m.group(2)) for line in table if (m := re.match(r"(\S+)\s+([\d.]+)s$", line))}
     assert set(timed) == stages and all(t > 0 for t in timed.values())
+    for family in FAMILIES:  # each sweep shows its trials as they end, then a table with the best starred
+        assert len(re.findall(rf"sweep {family}: trial \S+ (completed|early_stopped) after", out)) == 2
+    assert len(re.findall(r"^  \* \S+  (completed|early_stopped)", out, re.M)) == len(FAMILIES)
     assert re.match(rf"total\s+[\d.]+s  \(\d+ min \d+ s, {len(stages)} of {len(stages)} stages ran\)$", table[-1])
     for family in FAMILIES:
         best = json.loads((full_repo / f"artifacts/sweeps/{family}/best.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -174,11 +175,17 @@ def test_a_trial_stopped_by_tune_ends_finished_and_a_failing_one_failed(tmp_path
     assert tracking.get_run(uri, run_id)["status"] == status
 
 
-def test_two_trial_sweep_is_tracked_as_nested_runs_and_rerun_reuses_it(local_ray, prepared_params, tmp_path):
+def test_two_trial_sweep_is_tracked_as_nested_runs_and_rerun_reuses_it(local_ray, prepared_params, tmp_path, capfd):
     p = sweep_params(prepared_params, tmp_path, **{f"sweep.{FAMILY}.epoch_fraction": 0.5})  # half-epoch trials
     s = getattr(p.sweep, FAMILY)
     uri, exp = p.tracking.uri, p.tracking.experiment
     result = run_sweep(p, FAMILY)
+    lines = re.findall(rf"sweep {FAMILY}: trial (\S+) (\w+) after (\d+) epoch\(s\), best val/loss ([\d.]+), \d+ s",
+                       capfd.readouterr().out)  # one line per trial as it ends
+    assert sorted((i, st, int(e)) for i, st, e, _ in lines) == sorted((t.trial_id, t.status, t.epochs)
+                                                                     for t in result.trials)
+    assert all(float(v) == pytest.approx(next(t.metric for t in result.trials if t.trial_id == i), abs=1e-4)
+               for i, _, _, v in lines)
 
     assert [t.config for t in result.trials] == sample_config(s.space, 2, p.seed)  # seeded, beta-free here
     assert result.errored == 0 and result.completed + result.early_stopped == 2

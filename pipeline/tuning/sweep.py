@@ -148,6 +148,27 @@ def _check_resources(s: SweepFamilyParams, family: str) -> None:
                              f"worker) but this Ray cluster has {total.get(name, 0.0):g}")
 
 
+class TrialLines(tune.Callback):
+    """One flushed line per trial that ends, so a sweep is not silent for minutes (Tune runs with verbose=0)."""
+
+    def __init__(self, family: str, monitor: str, mode: str, max_epochs: int) -> None:
+        self.family, self.monitor, self.mode, self.max_epochs = family, monitor, mode, max_epochs
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        epochs = int((trial.last_result or {}).get("epoch", 0))
+        self.line(trial, "completed" if epochs >= self.max_epochs else "early_stopped", epochs)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.line(trial, "errored", int((trial.last_result or {}).get("epoch", 0)))
+
+    def line(self, trial: Any, status: str, epochs: int) -> None:
+        best = (trial.metric_analysis or {}).get(metric_key(self.monitor), {}).get(self.mode)
+        value = f"{self.monitor} {best:.4f}" if best is not None else f"no {self.monitor}"
+        seconds = (trial.last_result or {}).get("time_total_s", 0.0)
+        print(f"sweep {self.family}: trial {trial.trial_id} {status} after {epochs} epoch(s), best {value}, "
+              f"{seconds:.0f} s", flush=True)
+
+
 def trial_dirname(trial: Any) -> str:
     """Short trial folder names (Tune's default spells out the whole config)."""
     return f"trial_{trial.trial_id}"
@@ -179,7 +200,8 @@ def _tuner(ctx: TrialContext, s: SweepFamilyParams, path: str, seed: int) -> tun
                                   reuse_actors=s.num_workers == 1)
     run_config = tune.RunConfig(
         name=name, storage_path=storage, verbose=0, failure_config=tune.FailureConfig(max_failures=s.max_failures),
-        callbacks=[state.SealState(path)],  # records each save's digests in the parent run
+        callbacks=[state.SealState(path),  # records each save's digests in the parent run
+                   TrialLines(ctx.family, monitor, mode, s.max_epochs)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=key,
                                                 checkpoint_score_order=mode))
     return tune.Tuner(_trainable(ctx), param_space=search_space(s.space), tune_config=tune_config,
