@@ -224,6 +224,7 @@ def test_two_trial_sweep_is_tracked_as_nested_runs_and_rerun_reuses_it(local_ray
 
     again = run_sweep(p, FAMILY)  # finished: read back, nothing retrained
     assert again.parent_run_id == result.parent_run_id
+    assert again.wall_seconds == pytest.approx(result.wall_seconds, abs=1.0)  # the sweep's, not the read-back's
     assert [(t.trial_id, t.metric, t.status) for t in again.trials] == [
         (t.trial_id, t.metric, t.status) for t in result.trials]
     assert len(tracking.child_runs(uri, exp, result.parent_run_id)) == 2

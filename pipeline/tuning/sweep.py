@@ -263,10 +263,12 @@ def run_sweep(p: Params, family: str, *, address: str | None = None, resume: boo
         ctx = TrialContext(family, p.to_dict(), root, name, f"{path}.train", uri, experiment, parent, lineage,
                            s.num_workers, s.use_gpu, s.cpus_per_worker, s.gpus_per_worker, s.max_epochs,
                            s.epoch_fraction)
-        if found and found["status"] == "FINISHED" and _read_done(path) is not None:
+        done = _read_done(path) if found and found["status"] == "FINISHED" else None
+        if done is not None:
             log.info("sweep %s: reusing the finished sweep %s", family, path)
             grid = tune.Tuner.restore(path, trainable=_trainable(ctx)).get_results()
-            return _result(ctx, s, path, p.seed, grid, started)
+            # the sweep's own wall time, not this read-back's
+            return _result(ctx, s, path, p.seed, grid, time.time() - float(done.get("wall_seconds", 0.0)))
         if found:
             tracking.reopen_run(parent)
         return _run(ctx, s, path, p.seed, restore, started)
