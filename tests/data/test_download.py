@@ -8,12 +8,11 @@ import os
 import re
 import stat
 import tarfile
-import threading
 import urllib.parse
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from pipeline.data.download import (
     resolve_url,
     safe_extract,
 )
+from tests.conftest import http_server
 
 ELSEWHERE = "https://example.invalid/some/dir"  # every test URL is redirected with base_url
 
@@ -94,17 +94,10 @@ def server(tmp_path: Path) -> Iterator[Server]:
     """Serve tmp_path/remote on 127.0.0.1 at a free port from a thread; stopped at teardown."""
     served = Server(tmp_path / "remote")
     served.root.mkdir()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.served = served  # type: ignore[attr-defined]
-    served.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with http_server(_Handler) as httpd:
+        httpd.served = served  # type: ignore[attr-defined]
+        served.url = f"http://127.0.0.1:{httpd.server_address[1]}"
         yield served
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=10)
 
 
 def sha256(data: bytes) -> str:

@@ -8,12 +8,10 @@ test_disk_full.py). Traversal and link attacks on archives are covered by tests/
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
 import os
-import resource
 import shutil
 import struct
 import tarfile
@@ -23,13 +21,15 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from pipeline.data.archive import UnsafeArchiveError, safe_extract
 from pipeline.data.download import ChecksumError, DownloadError, RemoteFile, download_files, fetch
+from tests.conftest import http_server
+from tests.reliability.test_disk_full import disk_full_after
 
 MiB, GiB = 1 << 20, 1 << 30
 CAP = 64 * MiB  # a "forever" server gives up here, so a client that never stops still ends the test
@@ -87,28 +87,10 @@ class _Handler(BaseHTTPRequestHandler):
 def hostile() -> Iterator[Hostile]:
     """A misbehaving server on 127.0.0.1 at a free port; each test sets what it answers."""
     served = Hostile()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.hostile = served  # type: ignore[attr-defined]
-    served.url = f"http://127.0.0.1:{httpd.server_address[1]}/f"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with http_server(_Handler) as httpd:
+        httpd.hostile = served  # type: ignore[attr-defined]
+        served.url = f"http://127.0.0.1:{httpd.server_address[1]}/f"
         yield served
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=10)
-
-
-@contextlib.contextmanager
-def files_limited_to(nbytes: int) -> Iterator[None]:
-    """Any write that would make a file longer than `nbytes` fails with EFBIG inside this block."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def sha256(data: bytes) -> str:
@@ -123,7 +105,7 @@ def test_a_server_that_streams_forever_is_cut_off_at_the_published_size(hostile:
     hostile.body, hostile.forever = data, True  # no Content-Length: the body ends when the server stops
     dest = tmp_path / "f.bin"
     # .part may hold the published size, never a byte more (before: it grew until the disk was full).
-    with pytest.raises(ChecksumError) as err, files_limited_to(len(data)):
+    with pytest.raises(ChecksumError) as err, disk_full_after(len(data)):
         fetch(hostile.url, dest, checksum=sha256(data), size=len(data))
     msg = str(err.value)
     assert msg.startswith(f"{hostile.url}: server sent more than the published 200000 bytes (stopped reading at ")
@@ -283,6 +265,6 @@ def test_a_zip_member_holding_more_than_it_declares_writes_no_more(tmp_path: Pat
     archive.write_bytes(bytes(raw))
     dest = tmp_path / "dest"
     # Were more than the declared 1000 bytes written, the kernel would stop it with EFBIG (an OSError).
-    with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32 for file 'liar.bin'"), files_limited_to(1000):
+    with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32 for file 'liar.bin'"), disk_full_after(1000):
         safe_extract(archive, dest)
     assert list(dest.iterdir()) == []

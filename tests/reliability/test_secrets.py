@@ -8,12 +8,9 @@ import contextlib
 import json
 import os
 import secrets
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,24 +25,10 @@ from pipeline.cli import app
 from pipeline.redact import redact, split_login
 from pipeline.tracking import store
 from tests.conftest import ROOT, params_under
+from tests.reliability.test_tracking_down import running_mlflow_server
 
 FAKE_PASSWORD = "fake-Hunter2-x7Qp"  # (the repository's secret scan, test_security, knows "fake" values)
 URI = f"http://alice:{FAKE_PASSWORD}@127.0.0.1:5000"
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=5) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -126,28 +109,14 @@ def auth_server(tmp_path_factory):
     (root / "basic_auth.ini").write_text("\n".join(
         f"database_uri = sqlite:///{root / 'auth.db'}" if line.startswith("database_uri") else line
         for line in ini.splitlines()))
-    port, password = closed_port(), secrets.token_urlsafe(16)
+    password = secrets.token_urlsafe(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env.update(MLFLOW_AUTH_CONFIG_PATH=str(root / "basic_auth.ini"), MLFLOW_AUTH_ADMIN_PASSWORD=password,
                MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16), MLFLOW_DISABLE_TELEMETRY="true")
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-                             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300  # liveness only: a loaded 2-core machine takes a while to import MLflow
-        while not healthy(uri):
-            assert proc.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-        yield {"root": root, "port": port, "password": password}
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+    args = ["--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts")]
+    with running_mlflow_server(args, root, env) as (_, uri):
+        yield {"root": root, "port": int(uri.rsplit(":", 1)[1]), "password": password}
 
 
 def _store_text(db: Path) -> str:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
-from pipeline.tuning import init_ray, run_sweep
+from pipeline.tuning import run_sweep
 from pipeline.tuning.state import TAG_PREFIX, SweepStateError, recorded_digests, state_digests, verify
-from tests.test_tuning import FAMILY, sweep_params
+from tests.test_tuning import FAMILY, local_ray, sweep_params  # noqa: F401 (local_ray: a fixture)
 
 
 class Payload:
@@ -56,17 +56,8 @@ def test_a_fifo_in_the_state_is_refused_not_read(tmp_path) -> None:
         state_digests(str(exp))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    started = init_ray(None)
-    yield
-    if started:
-        ray.shutdown()
-
-
-def test_a_tampered_sweep_state_is_refused_by_name_and_its_payload_never_runs(local_ray, prepared_params,
+@pytest.mark.usefixtures("local_ray")
+def test_a_tampered_sweep_state_is_refused_by_name_and_its_payload_never_runs(prepared_params,
                                                                                tmp_path) -> None:
     p = sweep_params(prepared_params, tmp_path, **{f"sweep.{FAMILY}.num_samples": 1,
                                                    f"sweep.{FAMILY}.max_epochs": 1})

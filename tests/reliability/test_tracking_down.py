@@ -9,10 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 from mlflow.exceptions import MlflowException
 
 from pipeline.training.fit import checkpoint_path, checkpoint_step, train
-from tests.conftest import params_under
+from tests.conftest import http_server, params_under
 
 FAMILY = "lstm_lm"
 
@@ -47,13 +47,8 @@ class Unavailable(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def proxy_503():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with http_server(Unavailable) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def test_an_unreachable_server_stops_training_before_it_starts(prepared_params, tmp_path):
@@ -105,20 +100,20 @@ def test_an_unreachable_server_stops_a_sweep_before_ray_starts(prepared_params, 
     assert not (tmp_path / "ray").exists()
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` (SQLite backend) on 127.0.0.1, in its own process group, killed at the end."""
+@contextlib.contextmanager
+def running_mlflow_server(args: list[str], cwd: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`mlflow server ARGS` on a free port of 127.0.0.1 in its own process group, once it answers /health;
+    (process, URI); killed at the end. Its output goes to cwd/server.log."""
     port = closed_port()
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{tmp_path / 'server.db'}", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    log = open(cwd / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args, "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], cwd=cwd, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300  # liveness only: a loaded 2-core machine takes a while to import MLflow
         while not _healthy(uri):
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            assert proc.poll() is None and time.time() < deadline, (cwd / "server.log").read_text()[-3000:]
             time.sleep(0.5)
         yield proc, uri
     finally:
@@ -126,6 +121,14 @@ def mlflow_server(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` (SQLite backend) on 127.0.0.1, in its own process group, killed at the end."""
+    with running_mlflow_server(["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"], tmp_path,
+                               {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}) as server:
+        yield server
 
 
 def _healthy(uri: str) -> bool:
