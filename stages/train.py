@@ -42,9 +42,7 @@ def resume_key(p: Params, family: str) -> str:
     """Hash of what the family's checkpoints depend on: the params (best config applied) and the data's DVC hashes."""
     from pipeline import tracking  # here: a GPU box without mlflow still trains with `capline train`
 
-    roots = [getattr(p.paths, k).rstrip("/") for k in DATA]
-    data = {k: v for k, v in tracking.lineage_tags(Path.cwd()).items()
-            if k.startswith("dvc.") and any(k[4:] == r or k[4:].startswith(r + "/") for r in roots)}
+    data = tracking.dvc_hashes_under(tracking.lineage_tags(Path.cwd()), [getattr(p.paths, k) for k in DATA])
     return tracking.params_hash({"family": family, "params": p.to_dict(), "data": data})
 
 

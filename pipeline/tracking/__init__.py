@@ -8,7 +8,7 @@ imported here). Everything is re-exported here: callers write `from pipeline imp
 `tracking.start_run(...)`.
 """
 
-from pipeline.tracking.lineage import lineage_tags, params_hash
+from pipeline.tracking.lineage import dvc_hashes_under, lineage_tags, params_hash
 from pipeline.tracking.lookups import (
     child_runs,
     find_runs,
@@ -45,7 +45,8 @@ from pipeline.tracking.store import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, PRO
 
 __all__ = [
     "END_STATUSES", "HOST_TAG", "MAX_KEY", "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "PID_TAG", "PROBE_TIMEOUT",
-    "TrackedRun", "check_server", "child_runs", "configure", "create_run", "end_run", "fetch_model", "find_runs",
+    "TrackedRun", "check_server", "child_runs", "configure", "create_run", "dvc_hashes_under", "end_run",
+    "fetch_model", "find_runs",
     "flatten", "get_run", "latest_sweep", "lightning_logger", "lineage_tags", "list_artifacts",
     "load_artifact_dict", "log_artifact", "log_dict", "log_figure", "log_metrics", "log_params_flat",
     "mark_stale_runs", "metric_history", "params_hash", "register_checkpoint", "reopen_run", "resolve_run_id",

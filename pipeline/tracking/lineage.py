@@ -55,6 +55,13 @@ def lineage_tags(repo_dir: str | Path) -> dict[str, str]:
     return tags
 
 
+def dvc_hashes_under(lineage: Mapping[str, str], roots: list[str]) -> dict[str, str]:
+    """The dvc.<out> tags of `lineage` whose output lies at or under one of `roots` (the data a run reads)."""
+    roots = [r.rstrip("/") for r in roots]
+    return {k: v for k, v in lineage.items()
+            if k.startswith("dvc.") and any(k[4:] == r or k[4:].startswith(r + "/") for r in roots)}
+
+
 def params_hash(params: Mapping[str, Any]) -> str:
     """First 12 hex of the sha256 of the canonical JSON of params (key order does not matter)."""
     try:

@@ -65,9 +65,7 @@ def sweep_key(p: Params, family: str, lineage: dict[str, str]) -> str:
     data = ["coco", "text", "vocab", "encoded", "embeddings"]
     if family == "captioner":  # only captioner trials read pre-extracted features
         key["features"], data = d["features"], [*data, "features"]
-    data = [d["paths"][k].rstrip("/") for k in data]
-    key["lineage"] = {k: v for k, v in lineage.items()
-                      if k.startswith("dvc.") and any(k[4:] == x or k[4:].startswith(x + "/") for x in data)}
+    key["lineage"] = tracking.dvc_hashes_under(lineage, [d["paths"][k] for k in data])
     return tracking.params_hash(key)
 
 
@@ -151,12 +149,13 @@ def _check_resources(s: SweepFamilyParams, family: str) -> None:
 class TrialLines(tune.Callback):
     """One flushed line per trial that ends, so a sweep is not silent for minutes (Tune runs with verbose=0)."""
 
-    def __init__(self, family: str, monitor: str, mode: str, max_epochs: int) -> None:
-        self.family, self.monitor, self.mode, self.max_epochs = family, monitor, mode, max_epochs
+    def __init__(self, family: str, monitor: str, mode: str) -> None:
+        self.family, self.monitor, self.mode = family, monitor, mode
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        epochs = int((trial.last_result or {}).get("epoch", 0))
-        self.line(trial, "completed" if epochs >= self.max_epochs else "early_stopped", epochs)
+        result = trial.last_result or {}  # final_epoch: how records.trial_records tells completed from stopped
+        status = "completed" if result.get("final_epoch") else "early_stopped"
+        self.line(trial, status, int(result.get("epoch", 0)))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.line(trial, "errored", int((trial.last_result or {}).get("epoch", 0)))
@@ -201,7 +200,7 @@ def _tuner(ctx: TrialContext, s: SweepFamilyParams, path: str, seed: int) -> tun
     run_config = tune.RunConfig(
         name=name, storage_path=storage, verbose=0, failure_config=tune.FailureConfig(max_failures=s.max_failures),
         callbacks=[state.SealState(path),  # records each save's digests in the parent run
-                   TrialLines(ctx.family, monitor, mode, s.max_epochs)],
+                   TrialLines(ctx.family, monitor, mode)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=key,
                                                 checkpoint_score_order=mode))
     return tune.Tuner(_trainable(ctx), param_space=search_space(s.space), tune_config=tune_config,
