@@ -151,6 +151,15 @@ def test_lightning_logger_attaches_to_an_existing_run(store, tmp_path: Path) -> 
     assert run.data.metrics["x"] == 1.5 and run.data.tags["stage"] == "again"
 
 
+def test_a_logging_only_logger_leaves_the_runs_status_to_its_owner(store) -> None:
+    run_id = tracking.create_run(store["uri"], EXPERIMENT, "trial")  # RUNNING, owned by a sweep's trainable
+    logger = tracking.lightning_logger(store["uri"], EXPERIMENT, "ignored", {}, run_id=run_id, ends_run=False)
+    logger.log_metrics({"x": 2.0}, step=1)
+    logger.finalize("failed")  # a killed DDP attempt's surviving worker on its way out
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.metrics["x"] == 2.0
+
+
 def test_nested_runs_and_statuses(store) -> None:
     with tracking.start_run(store["uri"], EXPERIMENT, "sweep") as parent:
         with tracking.start_run(store["uri"], EXPERIMENT, "trial", {"trial": 0},

@@ -41,19 +41,25 @@ def _run_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def lightning_logger(
-    uri: str, experiment: str, run_name: str, tags: Mapping[str, Any], run_id: str | None = None
+    uri: str, experiment: str, run_name: str, tags: Mapping[str, Any], run_id: str | None = None,
+    ends_run: bool = True,
 ) -> MLFlowLogger:
     """A Lightning MLFlowLogger that never logs checkpoints (we log the best one ourselves).
 
-    With run_id it logs into that run (e.g. a sweep trial made by start_run(parent_run_id=...)).
+    With run_id it logs into that run (e.g. a sweep trial made by start_run(parent_run_id=...)). With
+    ends_run=False it only logs: whoever owns the run ends it (a sweep trial's driver, see tuning.trial).
     """
     from pytorch_lightning.loggers import MLFlowLogger
 
+    class LoggingOnly(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:
+            """Leave the run's status alone: a killed attempt's late teardown must not end a retried run."""
+
     configure(uri, experiment)
     all_tags = _run_tags(tags)
-    logger = MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=without_login(uri),
-                          tags=all_tags, log_model=False,
-                          artifact_location=artifact_location(uri), run_id=run_id)
+    logger = (MLFlowLogger if ends_run else LoggingOnly)(
+        experiment_name=experiment, run_name=run_name, tracking_uri=without_login(uri), tags=all_tags,
+        log_model=False, artifact_location=artifact_location(uri), run_id=run_id)
     if run_id is not None:  # Lightning applies tags only to runs it creates
         set_tags(run_id, all_tags)
     return logger

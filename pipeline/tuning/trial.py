@@ -106,8 +106,12 @@ def open_child(ctx: TrialContext, trial_id: str, p: Params) -> str:
 
 
 @contextlib.contextmanager
-def recorded_failure(run_id: str) -> Iterator[None]:
-    """A failing trial ends its MLflow run FAILED; a divergence is also tagged diverged=true."""
+def trial_run_ends(run_id: str) -> Iterator[None]:
+    """The attempt ends the trial's MLflow run: FINISHED, or FAILED (a divergence also tagged diverged=true).
+
+    Only the trainable ends it, never a worker's logger: a killed DDP attempt's surviving worker may tear
+    down after the retry has finished, and must not turn the retried run FAILED.
+    """
     try:
         yield
     except NonFiniteLossError as err:
@@ -123,6 +127,7 @@ def recorded_failure(run_id: str) -> Iterator[None]:
     except BaseException:
         tracking.end_run("FAILED", run_id)
         raise
+    tracking.end_run("FINISHED", run_id)
 
 
 def _finite(value: Any) -> float | None:
@@ -192,7 +197,8 @@ def train_trial(ctx: TrialContext, p: Params, run_id: str, report: EpochReport, 
     logger = None
     if rank == 0:
         logger = tracking.lightning_logger(ctx.uri, ctx.experiment, f"trial-{run_id}",
-                                           {"node_id": ray.get_runtime_context().get_node_id()}, run_id=run_id)
+                                           {"node_id": ray.get_runtime_context().get_node_id()}, run_id=run_id,
+                                           ends_run=False)  # the trainable and the sweep's driver end it
     trainer = fit.build_trainer(p, ctx.family, logger=logger, callbacks=[report],
                                 checkpoint_dir=Path(scratch) / "models", enable_progress_bar=False, **trainer_kwargs)
     if prepare is not None:
@@ -210,7 +216,7 @@ def single_worker_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
-    with tempfile.TemporaryDirectory(prefix="capline-trial-") as scratch, recorded_failure(run_id):
+    with tempfile.TemporaryDirectory(prefix="capline-trial-") as scratch, trial_run_ends(run_id):
         ckpt = restored(tune.get_checkpoint(), scratch)
         train_trial(ctx, p, run_id, EpochReport(ctx.family, report, 0, started), (0, 1), ckpt, scratch)
 
@@ -266,7 +272,7 @@ def multi_worker_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric_key(
                 monitor), checkpoint_score_order=mode)))
-    with recorded_failure(run_id):
+    with trial_run_ends(run_id):
         try:
             trainer.fit()
         except ray.train.TrainingFailedError as err:
