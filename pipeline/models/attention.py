@@ -58,12 +58,21 @@ class SoftAttention(nn.Module):
 
 
 def doubly_stochastic_penalty(alphas: Tensor, mask: Tensor) -> Tensor:
-    """Σ_i (1 − Σ_t α_ti)², summed over regions i and averaged over the batch (Xu et al. 2015).
+    """Mean over regions of (N·c_i / T − 1)², c_i = Σ_t α_ti, averaged over the batch (after Xu et al. 2015).
 
+    Xu et al. sum (1 − c_i)² over regions, which asks every region for a whole step of attention: with
+    more regions than words (7×7 grid, 12 words) that target is out of reach and the sum reads ~26 at
+    its best. Asking each region for its share T/N of the caption's T steps instead, relative to that
+    share, gives 0 for attention spread evenly over the caption and the same scale at any resolution.
     alphas (B, T, N); mask (B, T) true where the step is a real token (padding steps do not count).
     """
-    coverage = (alphas * mask.unsqueeze(-1).to(alphas.dtype)).sum(dim=1)  # (B, N)
-    return ((1.0 - coverage) ** 2).sum(dim=1).mean()
+    real = mask.to(alphas.dtype)  # (B, T)
+    coverage = (alphas * real.unsqueeze(-1)).sum(dim=1)  # (B, N)
+    steps = real.sum(dim=1, keepdim=True)  # (B, 1)
+    share = coverage * alphas.shape[-1] / steps.clamp(min=1.0)  # (B, N): 1 where a region gets its share
+    per_item = ((share - 1.0) ** 2).mean(dim=1)  # (B,)
+    has_steps = steps.squeeze(1) > 0
+    return per_item[has_steps].sum() / has_steps.sum().clamp(min=1)
 
 
 def sinusoid_1d(length: int, dim: int, device: torch.device | None = None) -> Tensor:

@@ -126,15 +126,20 @@ class CaptioningModule(_Optimised):
         mixed[:, 1:] = torch.where(swap, predicted, inputs[:, 1:])
         return mixed
 
-    def _loss(self, memory: torch.Tensor, captions: torch.Tensor, prob: float = 0.0) -> torch.Tensor:
+    def _loss(self, memory: torch.Tensor, captions: torch.Tensor, stage: str, prob: float = 0.0) -> torch.Tensor:
+        """The objective: cross-entropy plus λ × the attention penalty; each logged on its own under `stage`/."""
         inputs, targets = captions[:, :-1], captions[:, 1:]  # (B, T)
         if prob > 0:
             inputs = self._mix_inputs(memory, inputs, prob)
         logits, aux = self.model(memory, inputs)
         loss = sequence_loss(logits, targets, self.train_cfg.label_smoothing if self.training else 0.0)
+        # {stage}/loss is the cross-entropy alone: comparable across runs whatever their regularisers
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(captions), sync_dist=stage == "val")
         if "alphas" in aux and self.model_cfg.attention_reg > 0:
             mask = (targets != PAD_ID).float()  # (B, T): attention at padded steps does not count
-            loss = loss + self.model_cfg.attention_reg * self.model.doubly_stochastic_penalty(aux["alphas"], mask)
+            penalty = self.model.doubly_stochastic_penalty(aux["alphas"], mask)
+            self.log(f"{stage}/attention_penalty", penalty, batch_size=len(captions), sync_dist=stage == "val")
+            loss = loss + self.model_cfg.attention_reg * penalty
         return loss
 
     def encode_batch(self, batch: dict) -> torch.Tensor:
@@ -149,8 +154,7 @@ class CaptioningModule(_Optimised):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         memory = self.encode_batch(batch)
         prob = self.sampling_probability()
-        loss = self._loss(memory, batch["captions"], prob)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
+        loss = self._loss(memory, batch["captions"], "train", prob)
         self.log("train/sampling_prob", prob, batch_size=len(batch["captions"]))
         return loss
 
@@ -160,7 +164,7 @@ class CaptioningModule(_Optimised):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         memory = self.encode_batch(batch)
         captions = self._reference_batch(batch["image_index"]).to(self.device)
-        self.log("val/loss", self._loss(memory, captions), prog_bar=True, batch_size=len(captions), sync_dist=True)
+        self._loss(memory, captions, "val")
         result = greedy(self.model, memory, len(captions), self.model_cfg.max_len)
         for idx, tokens in zip(batch["image_index"].tolist(), result.tokens, strict=True):
             self._val_hyps[idx] = " ".join(self.vocab_tokens[t] for t in tokens)

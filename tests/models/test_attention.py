@@ -75,11 +75,25 @@ def test_unknown_score_is_rejected():
 def test_doubly_stochastic_penalty_counts_only_real_steps():
     alphas = torch.full((2, 2, 2), 0.5)  # (B, T, N): uniform over 2 regions at 2 steps
     full = torch.ones(2, 2, dtype=torch.bool)
-    assert doubly_stochastic_penalty(alphas, full).item() == pytest.approx(0.0)  # coverage 1 everywhere
-    half = torch.tensor([[True, False], [True, True]])  # item 0 has one real step: coverage 0.5
-    assert doubly_stochastic_penalty(alphas, half).item() == pytest.approx((2 * 0.25 + 0.0) / 2)
-    focused = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # region 0 twice, region 1 never: 1 + 1
-    assert doubly_stochastic_penalty(focused, torch.ones(1, 2)).item() == pytest.approx(2.0)
+    assert doubly_stochastic_penalty(alphas, full).item() == pytest.approx(0.0)  # every region its share
+    focused = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # region 0 twice, region 1 never: shares 2 and 0
+    assert doubly_stochastic_penalty(focused, torch.ones(1, 2)).item() == pytest.approx((1.0 + 1.0) / 2)
+    half = torch.tensor([[True, False], [False, False]])  # item 0: one real step (even); item 1: none
+    skewed = torch.tensor([[[0.5, 0.5], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    assert doubly_stochastic_penalty(skewed, half).item() == pytest.approx(0.0)  # padded steps never count
+
+
+def test_doubly_stochastic_penalty_reads_the_same_at_any_resolution():
+    # attention on a quarter of the grid for a whole caption, at 2x2, 7x7-ish (8x8) and 16x16 regions
+    values = []
+    for side in (2, 8, 16):
+        n = side * side
+        alphas = torch.zeros(1, 12, n)
+        alphas[..., : n // 4] = 4.0 / n  # (1, T, N): even over the first quarter
+        values.append(doubly_stochastic_penalty(alphas, torch.ones(1, 12)).item())
+    assert values == pytest.approx([3.0] * 3)  # shares 4 on a quarter, 0 elsewhere: (9 + 3 * 1) / 4
+    even = torch.full((1, 12, 49), 1 / 49)
+    assert doubly_stochastic_penalty(even, torch.ones(1, 12)).item() == pytest.approx(0.0, abs=1e-10)
 
 
 def test_position_codes():
