@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.baselines import nearest_neighbour_scores
 from pipeline.decoding import beam_error_analysis, beam_search
 from pipeline.metrics import bits, caption_scores, nltk_bleu4, perplexity, unigram_cross_entropy
 from pipeline.params import Params
@@ -21,8 +22,9 @@ def device_for(p: Params) -> str:
 
 @torch.no_grad()
 def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: str, beam_size: int,
-                       alpha: float, meteor: bool) -> dict:
-    """Beam-search captions for every image of `split`; coco-caption metrics, NLTK BLEU-4, error split."""
+                       alpha: float, meteor: bool, no_repeat_ngram: int) -> dict:
+    """Beam-search captions (n-gram block no_repeat_ngram) for every image of `split`; coco-caption metrics,
+    NLTK BLEU-4, error split."""
     model, vocab = module.model, module.vocab_tokens
     refs = dm.references(split)
     hyps: dict[int, str] = {}
@@ -31,7 +33,8 @@ def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: s
     for batch in loader:
         images = batch["images"].to(module.device)
         memory = model.encode(images)
-        result = beam_search(model, memory, len(images), beam_size, module.model_cfg.max_len, alpha)
+        result = beam_search(model, memory, len(images), beam_size, module.model_cfg.max_len, alpha,
+                             no_repeat_ngram)
         keys = batch["image_index"].tolist()
         for key, tokens in zip(keys, result.tokens, strict=True):
             hyps[key] = " ".join(vocab[t] for t in tokens)
@@ -41,7 +44,7 @@ def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: s
         items += analysis["items"]
     scores = caption_scores({k: refs[k] for k in hyps}, hyps, meteor=meteor)
     return {**scores, "nltk_bleu_4": nltk_bleu4({k: refs[k] for k in hyps}, hyps),
-            "beam_size": beam_size, "alpha": alpha, "images": len(hyps),
+            "beam_size": beam_size, "alpha": alpha, "no_repeat_ngram": no_repeat_ngram, "images": len(hyps),
             "search_error_fraction": search_errors / max(1, items),
             "model_error_fraction": (items - search_errors) / max(1, items)}
 
@@ -83,7 +86,10 @@ def evaluate(p: Params, family: str, checkpoint: str | Path, split: str = "test"
     dm.setup("test")
     if family == "captioner":
         e = p.evaluate
-        result = evaluate_captioner(module, dm, split, e.beam_size, e.alpha, e.meteor)
+        result = evaluate_captioner(module, dm, split, e.beam_size, e.alpha, e.meteor, e.no_repeat_ngram)
+        result.update(nearest_neighbour_scores(module.model.encoder, dm.images_dataloader("train"),
+                                               dm.images_dataloader(split), dm.references("train"),
+                                               dm.references(split), module.device, e.meteor))
     else:
         result = evaluate_language_model(module, dm, split, Path(p.paths.text))
     return {"family": family, "checkpoint": str(checkpoint), "split": split, **result}

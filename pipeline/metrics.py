@@ -137,6 +137,25 @@ def caption_scores(
     return scores
 
 
+def consensus_captions(references: dict[int, list[str]]) -> dict[int, str]:
+    """Per image, the reference with the highest CIDEr against the image's other references.
+
+    Document frequencies come from every image's other references; an image with one reference keeps it.
+    """
+    refs = {k: [_clean(r) for r in v] for k, v in references.items()}
+    best: dict[int, tuple[float, str]] = {k: (-1.0, v[0]) for k, v in refs.items() if v}
+    for j in range(max(map(len, refs.values()), default=0)):
+        keys = [k for k, v in refs.items() if len(v) > 1 and j < len(v)]
+        if not keys:
+            continue
+        gts = {k: refs[k][:j] + refs[k][j + 1:] for k in keys}
+        _, per_image = Cider().compute_score(gts, {k: [refs[k][j]] for k in keys})
+        for key, score in zip(keys, per_image, strict=True):  # pycocoevalcap scores in gts' key order
+            if score > best[key][0]:
+                best[key] = (float(score), refs[key][j])
+    return {k: caption for k, (_, caption) in best.items()}
+
+
 def nltk_bleu4(references: dict[int, list[str]], hypotheses: dict[int, str]) -> float:
     """Corpus BLEU-4 by NLTK: uniform 4-gram weights, no smoothing, closest reference length.
 

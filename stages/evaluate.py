@@ -7,15 +7,19 @@ language models: test loss, perplexity, bits per character and the unigram basel
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
+from pipeline import tracking
 from pipeline.evaluation import evaluate
-from pipeline.io import atomic_open, write_json
+from pipeline.io import atomic_open, read_json, write_json
 from pipeline.params import Params, load_params
 from pipeline.runtime import set_threads
 from pipeline.training.fit import FAMILIES, checkpoint_path, learning_curve
 from stages import entry
+
+log = logging.getLogger(__name__)
 
 CURVE_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_cider")
 
@@ -29,11 +33,29 @@ def write_curve(path: Path, history: list[dict[str, float]]) -> None:
             fh.write(",".join(f"{row[c]:g}" if c in row else "" for c in columns) + "\n")
 
 
+def log_to_training_run(p: Params, family: str, ckpt: Path, metrics: dict) -> str | None:
+    """Log the scores as test/<metric> into the MLflow run of the train stage that wrote `ckpt`; its id or None."""
+    record_path = Path(p.paths.metrics) / f"train_{family}.json"
+    record = read_json(record_path) if record_path.is_file() else {}
+    run_id, trained = record.get("run_id"), record.get("best_checkpoint")
+    if not run_id or not trained or Path(trained).resolve() != ckpt.resolve():
+        return None  # a checkpoint the train stage did not write: no run to add to
+    if not tracking.run_exists(p.tracking.uri, run_id):
+        log.warning("MLflow run %s (%s) is not in the store: test scores not logged there", run_id, record_path)
+        return None
+    tracking.log_metrics(run_id, {f"test/{k}": v for k, v in metrics.items()})
+    return run_id
+
+
 def run(p: Params, family: str, checkpoint: str | Path | None = None) -> dict:
-    """Evaluate `family` (default: its best.ckpt); write metrics/evaluate_<family>.json and its learning curve."""
+    """Evaluate `family` (default: its best.ckpt); write metrics/evaluate_<family>.json and its learning curve.
+
+    The scores also go to the final model's MLflow run as test/<metric>, beside its training curves.
+    """
     set_threads(p.runtime.threads)
     ckpt = Path(checkpoint) if checkpoint else checkpoint_path(p, family, "best")
     metrics = evaluate(p, family, ckpt)
+    metrics["run_id"] = log_to_training_run(p, family, ckpt, metrics)
     write_json(Path(p.paths.metrics) / f"evaluate_{family}.json", metrics)
     last = ckpt.with_name("last.ckpt")  # the full run's history; best.ckpt stops at the best epoch
     write_curve(Path(p.paths.metrics) / f"curve_{family}.csv", learning_curve(last if last.is_file() else ckpt))

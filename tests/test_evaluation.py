@@ -40,6 +40,8 @@ def test_evaluate_captioner_metrics(trained):
     assert m["beam_size"] == p.evaluate.beam_size and m["images"] == p.prepare_coco.split.test
     assert m["meteor"] is None and "meteor_error" in m  # evaluate.meteor is off in TINY
     assert m["search_error_fraction"] + m["model_error_fraction"] == pytest.approx(1.0)
+    for key in ("nn_bleu_4", "nn_rouge_l", "nn_cider"):  # the nearest-neighbour baseline beside the model
+        assert 0.0 <= m[key] <= 10.0, key
 
 
 @pytest.mark.parametrize("family", ["lstm_lm", "transformer_lm"])

@@ -59,8 +59,10 @@ def captioner_section(captions: Sequence[CaptionedImage] | None, why_missing: st
     blocks: list[Any] = []
     if scores is not None:
         shown = [k for k in CAPTION_SCORES if k in scores]
-        blocks.append(Table("test-split scores (metrics/evaluate_captioner.json)", shown,
-                            [[scores[k] for k in shown]]))
+        rows = [["model", *(scores[k] for k in shown)]]
+        if any(f"nn_{k}" in scores for k in shown):  # the baseline: copy the nearest training image's caption
+            rows.append(["nearest training image's caption", *(scores.get(f"nn_{k}") for k in shown)])
+        blocks.append(Table("test-split scores (metrics/evaluate_captioner.json)", ["system", *shown], rows))
     for i, item in enumerate(captions):
         image = sink(image_figure(_enlarged(item.image)), f"test image {item.image_id}",
                      f"report/captioner/test_{i}.png", run_id)

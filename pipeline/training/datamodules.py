@@ -130,17 +130,18 @@ class CaptionDataModule(ResumableDataModule):
                                                                                         field="features")
         return self._track(ResumableLoader(pairs, batches, collate, self.num_workers, self.pin_memory, self.seed))
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def images_dataloader(self, split: str) -> DataLoader:
+        """One item per image of `split` in row order (validation, evaluation, the nearest-neighbour baseline)."""
         images = self._eval_share(SplitImages(self._split(split)[0], self.features(split)))
         return DataLoader(images, batch_size=self.batch_size, shuffle=False,
                           collate_fn=collate_images, num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0, generator=eval_generator())
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+        return self.images_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self.images_dataloader("test")
 
     def references(self, split: str) -> dict[int, list[str]]:
         """image_index -> every reference caption as space-joined lower-case tokens (cached: read only)."""

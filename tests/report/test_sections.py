@@ -55,10 +55,17 @@ def test_captioner_examples_with_attention_strips_and_their_mlflow_names():
     example = blocks_of(section, Example)[0]
     assert (example.generated, example.references) == ("a red circle", ["a red circle", "one red circle"])
     assert example.attention is not None and example.image.png.startswith(b"\x89PNG")
-    assert blocks_of(section, Table)[0].columns == ["bleu_4", "cider"]
+    assert blocks_of(section, Table)[0].columns == ["system", "bleu_4", "cider"]
+    assert blocks_of(section, Table)[0].rows == [["model", 0.5, 1.0]]
     assert logged == [("run1", "report/captioner/test_0.png"), ("run1", "report/captioner/attention_0.png")]
     no_strips = captioner_section(captioned(True), "", None, "show_attend_tell", 0, FigureSink(), None)
     assert blocks_of(no_strips, Example)[0].attention is None
+
+
+def test_captioner_scores_show_the_nearest_neighbour_baseline_beside_the_model():
+    scores = {"bleu_4": 0.5, "cider": 1.0, "nn_bleu_4": 0.2, "nn_cider": 0.8}
+    (table,) = blocks_of(captioner_section(captioned(False), "", scores, "show_tell", 0, FigureSink(), None), Table)
+    assert table.rows == [["model", 0.5, 1.0], ["nearest training image's caption", 0.2, 0.8]]
 
 
 def test_captioner_without_attention_says_why_and_missing_model_says_what_to_run():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import tracking
 from pipeline.params import ParamsError
 from stages import evaluate as evaluate_stage
 from stages import train as train_stage
@@ -36,6 +37,11 @@ def test_train_applies_the_sweeps_best_config_and_evaluate_plots_the_curve(prepa
 
     result = evaluate_stage.run(p, "lstm_lm")
     assert result["bits_per_char"] > 0
+    logged = tracking.get_run(p.tracking.uri, metrics["run_id"])["metrics"]  # beside the training curves
+    assert result["run_id"] == metrics["run_id"] and logged["test/bits_per_char"] == result["bits_per_char"]
+    elsewhere = tmp_path / "copy.ckpt"  # a checkpoint the train stage did not write has no run to add to
+    elsewhere.write_bytes(Path(metrics["best_checkpoint"]).read_bytes())
+    assert evaluate_stage.run(p, "lstm_lm", elsewhere)["run_id"] is None
     curve = (Path(p.paths.metrics) / "curve_lstm_lm.csv").read_text().splitlines()
     assert curve[0] == "epoch,step,train_loss,val_loss"
     assert [row.split(",")[0] for row in curve[1:]] == ["0", "1"]

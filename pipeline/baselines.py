@@ -1,0 +1,53 @@
+"""The baseline every captioner evaluation reports: copy the caption of the nearest training image.
+
+A captioner that does not beat this has learnt retrieval at best. Nearest = cosine similarity of the
+captioner's own CNN encoder features, averaged over regions; of the neighbour's captions the one with the
+highest CIDEr against its other captions (the consensus caption, Devlin et al. 2015).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from pipeline.metrics import caption_scores, consensus_captions
+
+PREFIX = "nn_"  # nn_cider, nn_bleu_4, ...: next to the model's cider, bleu_4, ...
+
+
+@torch.no_grad()
+def pooled_features(encoder: nn.Module, loader: DataLoader, device: torch.device) -> tuple[list[int], Tensor]:
+    """image_index of every item and its L2-normalised encoder features averaged over regions (N, C)."""
+    was_training = encoder.training
+    encoder.eval()
+    keys, rows = [], []
+    try:
+        for batch in loader:
+            maps = encoder(batch["images"].to(device))  # (B, C, h, w)
+            rows.append(F.normalize(maps.float().mean(dim=(2, 3)), dim=1).cpu())  # (B, C)
+            keys.extend(batch["image_index"].tolist())
+    finally:
+        encoder.train(was_training)
+    return keys, torch.cat(rows)
+
+
+def nearest_neighbour_captions(train: tuple[list[int], Tensor], queries: tuple[list[int], Tensor],
+                               train_refs: dict[int, list[str]]) -> dict[int, str]:
+    """For each query image, the consensus caption of the training image most similar to it."""
+    train_keys, train_feats = train
+    query_keys, query_feats = queries
+    nearest = (query_feats @ train_feats.T).argmax(dim=1).tolist()  # (Q, T) cosine -> (Q,)
+    consensus = consensus_captions(train_refs)
+    return {q: consensus[train_keys[i]] for q, i in zip(query_keys, nearest, strict=True)}
+
+
+def nearest_neighbour_scores(encoder: nn.Module, train_loader: DataLoader, eval_loader: DataLoader,
+                             train_refs: dict[int, list[str]], eval_refs: dict[int, list[str]],
+                             device: torch.device, meteor: bool) -> dict:
+    """coco-caption scores of the nearest-neighbour captions, keyed nn_<metric>."""
+    hyps = nearest_neighbour_captions(pooled_features(encoder, train_loader, device),
+                                      pooled_features(encoder, eval_loader, device), train_refs)
+    scores = caption_scores({k: eval_refs[k] for k in hyps}, hyps, meteor=meteor)
+    return {f"{PREFIX}{k}": v for k, v in scores.items()}
