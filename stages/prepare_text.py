@@ -1,4 +1,4 @@
-"""Normalise the text corpora and split them into train/val/test for char- and word-level models.
+"""Strip Project Gutenberg boilerplate, normalise the text corpora and split them into train/val/test.
 
 DVC stage `prepare_text`: data.text.files (default: Python's documentation topics)
 -> {paths.text}/{train,val,test}.txt (char stream) and .words.txt (one tokenised line per line)
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data import SPLITS
-from pipeline.data.text import default_corpus, read_corpus, split_corpus, word_lines
+from pipeline.data.text import default_corpus, read_corpus, split_corpus, strip_boilerplate, word_lines
 from pipeline.io import atomic_dir, write_json
 from pipeline.params import Params, load_params
 from stages import entry
@@ -17,7 +17,7 @@ from stages import entry
 
 def run(p: Params) -> dict:
     files = p.data.text.files
-    docs = read_corpus(files) if files else default_corpus()
+    docs, stripped = strip_boilerplate(read_corpus(files) if files else default_corpus())
     if not any(text.strip() for _, text in docs):
         raise ValueError(f"data.text.files: {files or 'pydoc_data.topics'}: no text found")
     splits = split_corpus(docs, p.prepare_text.split.val, p.prepare_text.split.test)
@@ -26,7 +26,7 @@ def run(p: Params) -> dict:
             raise ValueError(f"prepare_text.split: the {split} split came out empty; "
                              "use more text or larger fractions")
     metrics: dict = {"source": list(files) or ["pydoc_data.topics"], "documents": len(docs),
-                     "characters": {}, "lines": {}, "words": {}}
+                     "stripped": stripped, "characters": {}, "lines": {}, "words": {}}
     with atomic_dir(p.paths.text) as out:
         for split in SPLITS:
             text = splits[split]
@@ -38,7 +38,9 @@ def run(p: Params) -> dict:
             metrics["lines"][split] = len(lines)
             metrics["words"][split] = sum(len(t) for t in lines)
     write_json(Path(p.paths.metrics) / "prepare_text.json", metrics)
-    print(f"prepare_text: {len(docs):,} documents; words train/val/test "
+    note = (f" (Project Gutenberg header/footer: {stripped['characters']:,} characters stripped from "
+            f"{stripped['documents']})" if stripped["documents"] else "")
+    print(f"prepare_text: {len(docs):,} documents{note}; words train/val/test "
           f"{metrics['words']['train']:,}/{metrics['words']['val']:,}/{metrics['words']['test']:,}")
     return metrics
 

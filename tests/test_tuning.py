@@ -266,7 +266,7 @@ def test_a_diverging_trial_errors_is_recorded_and_never_best(local_ray, prepared
     p = sweep_params(prepared_params, tmp_path, seed=seed, **{
         f"sweep.{FAMILY}.space": space, f"sweep.{FAMILY}.num_samples": 3, f"sweep.{FAMILY}.grace_period": 2,
         f"sweep.{FAMILY}.max_failures": 1, f"train.{FAMILY}.optimizer": "adamw",
-        f"train.{FAMILY}.weight_decay": 1.0, f"train.{FAMILY}.warmup_steps": 0,
+        f"train.{FAMILY}.weight_decay": 1.0, f"train.{FAMILY}.warmup_fraction": 0.0,
         f"train.{FAMILY}.clip_grad_norm": 0.0, f"train.{FAMILY}.schedule": "constant"})
     result = run_sweep(p, FAMILY)
 
@@ -293,7 +293,7 @@ def test_the_sweep_stage_stops_without_writing_best_json_when_every_trial_diverg
     p = sweep_params(prepared_params, tmp_path, **{
         f"sweep.{FAMILY}.space": {f"train.{FAMILY}.lr": {"choice": [10.0]}}, f"sweep.{FAMILY}.num_samples": 1,
         f"sweep.{FAMILY}.max_failures": 0, f"train.{FAMILY}.optimizer": "adamw",
-        f"train.{FAMILY}.weight_decay": 1.0, f"train.{FAMILY}.warmup_steps": 0,
+        f"train.{FAMILY}.weight_decay": 1.0, f"train.{FAMILY}.warmup_fraction": 0.0,
         f"train.{FAMILY}.clip_grad_norm": 0.0, f"train.{FAMILY}.schedule": "constant",
         "paths.sweeps": str(tmp_path / "sweeps")})
     with pytest.raises(RuntimeError, match=r"sweep lstm_lm: no trial finished with a finite val/loss \(1 of 1 errored"):

@@ -9,6 +9,12 @@ from pathlib import Path
 from pipeline.data import SPLITS
 from pipeline.data.tokenize import normalise, tokenize
 
+# Project Gutenberg's marker lines. The book is what lies after the last start marker ("*** START OF THE/THIS
+# PROJECT GUTENBERG EBOOK ...", or the 1990s "*END*THE SMALL PRINT! ...") and before the first end marker
+# ("*** END OF THE/THIS PROJECT GUTENBERG EBOOK ...", or the "End of (the) Project Gutenberg's ..." line above it).
+GUTENBERG_START = re.compile(r"\s*(\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG|\*END\*THE SMALL PRINT)", re.I)
+GUTENBERG_END = re.compile(r"\s*(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|END OF (THE )?PROJECT GUTENBERG)", re.I)
+
 
 def default_corpus() -> list[tuple[str, str]]:
     """Python's documentation topics (shipped with every CPython): (name, text) sorted by name."""
@@ -35,6 +41,21 @@ def read_corpus(files: Iterable[str | Path]) -> list[tuple[str, str]]:
             ) from None
         docs.append((str(path), text))
     return docs
+
+
+def strip_gutenberg(text: str) -> str:
+    """The book inside Project Gutenberg's header and licence footer; text without marker lines comes back whole."""
+    lines = text.splitlines(keepends=True)
+    end = next((i for i, line in enumerate(lines) if GUTENBERG_END.match(line)), len(lines))
+    start = max((i + 1 for i, line in enumerate(lines[:end]) if GUTENBERG_START.match(line)), default=0)
+    return "".join(lines[start:end])
+
+
+def strip_boilerplate(docs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """strip_gutenberg on every document, with how many documents lost how many characters."""
+    kept = [(name, strip_gutenberg(text)) for name, text in docs]
+    lost = [len(text) - len(body) for (_, text), (_, body) in zip(docs, kept, strict=True)]
+    return kept, {"documents": sum(1 for n in lost if n), "characters": sum(lost)}
 
 
 def normalise_text(text: str) -> str:

@@ -37,6 +37,15 @@ class Vocabulary:
     def __contains__(self, token: str) -> bool:
         return token in self.index
 
+    def id_of(self, token: str) -> int:
+        """The id of a token read from data: unknown words, and the specials other than <unk>, are <unk>.
+
+        A corpus's own <unk> (WikiText's) thus is the vocabulary's <unk>, and a literal "<end>" in a text
+        never ends a line early.
+        """
+        i = self.index.get(token, UNK_ID)
+        return UNK_ID if i < UNK_ID else i
+
     @classmethod
     def build(cls, counts: Counter[str], min_freq: int, max_size: int, level: str = "word") -> Vocabulary:
         """Keep tokens seen >= min_freq times, most frequent first (ties alphabetical), up to max_size."""
@@ -46,8 +55,8 @@ class Vocabulary:
         return cls([*SPECIALS, *kept], {t: counts[t] for t in kept}, level, min_freq, max_size)
 
     def encode(self, tokens: Iterable[str], add_start: bool = False, add_end: bool = False) -> list[int]:
-        """Token ids, unknown tokens -> <unk>; optionally wrapped in <start> ... <end>."""
-        ids = [self.index.get(t, UNK_ID) for t in tokens]
+        """Token ids (id_of: unknown tokens -> <unk>); optionally wrapped in <start> ... <end>."""
+        ids = [self.id_of(t) for t in tokens]
         return ([START_ID] if add_start else []) + ids + ([END_ID] if add_end else [])
 
     def decode(self, ids: Iterable[int], strip_specials: bool = True) -> list[str]:
@@ -67,7 +76,7 @@ class Vocabulary:
         """One flat int32 array of all lines, each followed by <end> (the LM's end-of-line marker)."""
         ids: list[int] = []
         for line in lines:
-            ids.extend(self.index.get(t, UNK_ID) for t in line)
+            ids.extend(self.id_of(t) for t in line)
             ids.append(END_ID)
         return np.asarray(ids, dtype=np.int32)
 
@@ -95,11 +104,12 @@ class Vocabulary:
 
 
 def coverage(vocab: Vocabulary, tokens: Iterable[str]) -> dict[str, float | int]:
-    """Token count, OOV rate (fraction of running tokens mapped to <unk>) and type coverage."""
+    """Token count, OOV rate (share of running tokens that become <unk>, a corpus's own too) and type coverage."""
     counts = Counter(tokens)
     total = sum(counts.values())
-    oov = sum(c for t, c in counts.items() if t not in vocab)
-    types_known = sum(1 for t in counts if t in vocab)
+    known = {t for t in counts if vocab.id_of(t) != UNK_ID}
+    oov = sum(c for t, c in counts.items() if t not in known)
+    types_known = len(known)
     return {"tokens": total, "types": len(counts),
             "oov_rate": oov / total if total else 0.0,
             "type_coverage": types_known / len(counts) if counts else 1.0}

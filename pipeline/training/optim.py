@@ -25,19 +25,25 @@ def build_optimizer(param_groups: Iterable[dict], cfg: OptimParams, device_type:
     return torch.optim.RMSprop(groups, momentum=cfg.momentum, **common)
 
 
+def warmup_steps(cfg: OptimParams, total: int) -> int:
+    """Optimizer steps of linear warm-up: warmup_fraction of the run's `total` steps, rounded."""
+    return round(cfg.warmup_fraction * total)
+
+
 def lr_factor(cfg: OptimParams, steps_per_epoch: int) -> Callable[[int], float]:
     """Multiplier of the base lr at optimizer step `step`: linear warm-up, then the schedule."""
     total = max(1, cfg.max_epochs * steps_per_epoch)
+    warmup = warmup_steps(cfg, total)
 
     def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
         epoch = step / max(1, steps_per_epoch)  # fractional: the decay is smooth within an epoch
         if cfg.schedule == "inverse_time":
             decay = 1.0 / (1.0 + cfg.decay_rate * epoch)
         elif cfg.schedule == "exponential":
             decay = cfg.gamma ** epoch
         elif cfg.schedule == "cosine":
-            progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
+            progress = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
             decay = 0.5 * (1.0 + math.cos(math.pi * progress))
         else:
             decay = 1.0

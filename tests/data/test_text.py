@@ -8,8 +8,14 @@ from pipeline.data.text import (
     read_corpus,
     split_corpus,
     split_document,
+    strip_boilerplate,
+    strip_gutenberg,
     word_lines,
 )
+
+HEADER = "The Project Gutenberg EBook of A Tale, by Someone\n\nThis eBook is for the use of anyone.\n\n"
+BOOK = "Chapter 1\n\nIt was a day.\nThe end.\n"
+FOOTER = "\n\nEnd of the Project Gutenberg EBook of A Tale\n\nSection 1. General Terms of Use\n"
 
 
 def test_default_corpus_is_real_english_prose():
@@ -62,3 +68,41 @@ def test_word_lines_tokenise_per_line():
     assert word_lines("Hello, World!\n\nIt's fine.\n", lowercase=True) == [
         ["hello", ",", "world", "!"], ["it", "'s", "fine", "."]]
     assert word_lines("Hello", lowercase=False) == [["Hello"]]
+
+
+def test_word_lines_keep_wikitext_tokens():
+    assert word_lines(" = Valkyria = \n\n The <unk> won 1 @,@ 000 @-@ odd . \n", lowercase=True) == [
+        ["=", "valkyria", "="], ["the", "<unk>", "won", "1", "@,@", "000", "@-@", "odd", "."]]
+
+
+@pytest.mark.parametrize(("start", "end"), [
+    ("*** START OF THE PROJECT GUTENBERG EBOOK A TALE ***", "*** END OF THE PROJECT GUTENBERG EBOOK A TALE ***"),
+    ("*** START OF THIS PROJECT GUTENBERG EBOOK A TALE ***", "*** END OF THIS PROJECT GUTENBERG EBOOK A TALE ***"),
+    ("***START OF THE PROJECT GUTENBERG EBOOK A TALE***", "***END OF THE PROJECT GUTENBERG EBOOK A TALE***"),
+    ("*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*", "End of Project Gutenberg's A Tale"),
+])
+def test_strip_gutenberg_keeps_only_the_book(start, end):
+    text = f"{HEADER}{start}\n\n{BOOK}\n{end}\n{FOOTER}"
+    assert strip_gutenberg(text).strip() == BOOK.strip()
+
+
+def test_strip_gutenberg_with_one_marker_or_none():
+    end = "*** END OF THIS PROJECT GUTENBERG EBOOK A TALE ***\n"
+    start = "*** START OF THE PROJECT GUTENBERG EBOOK A TALE ***\n"
+    assert strip_gutenberg(BOOK + end + FOOTER) == BOOK  # the footer only (like anna_karenina.txt)
+    assert strip_gutenberg(HEADER + start + BOOK) == BOOK
+    assert strip_gutenberg(BOOK) == BOOK and strip_gutenberg("") == ""
+    # a marker must start its line: prose that mentions one is kept
+    prose = "He wrote: *** END OF THE PROJECT GUTENBERG EBOOK *** on the wall.\n"
+    assert strip_gutenberg(prose + BOOK) == prose + BOOK
+    # CRLF files too; the "End of the Project Gutenberg EBook" line above the end marker goes with the footer
+    crlf = (HEADER + start + BOOK + "End of the Project Gutenberg EBook of A Tale\n" + end).replace("\n", "\r\n")
+    assert strip_gutenberg(crlf) == BOOK.replace("\n", "\r\n")
+
+
+def test_strip_boilerplate_counts_what_it_removed():
+    end = "*** END OF THE PROJECT GUTENBERG EBOOK A TALE ***\n"
+    docs = [("tale.txt", BOOK + end + FOOTER), ("plain.txt", BOOK)]
+    kept, stripped = strip_boilerplate(docs)
+    assert kept == [("tale.txt", BOOK), ("plain.txt", BOOK)]
+    assert stripped == {"documents": 1, "characters": len(end + FOOTER)}

@@ -82,3 +82,22 @@ def test_coverage_counts_running_tokens():
     assert cov["tokens"] == 4 and cov["types"] == 3
     assert cov["oov_rate"] == pytest.approx(0.25)
     assert cov["type_coverage"] == pytest.approx(2 / 3)
+
+
+def test_a_corpus_s_own_unk_is_the_vocabulary_s_unk():
+    counts = Counter("the <unk> the <unk> <unk> cat".split())  # WikiText's <unk>, kept whole by tokenize
+    vocab = Vocabulary.build(counts, min_freq=1, max_size=100)
+    assert vocab.tokens == [*SPECIALS, "the", "cat"] and "<unk>" not in vocab.counts
+    assert vocab.encode(["the", "<unk>", "cat"]) == [vocab.index["the"], UNK_ID, vocab.index["cat"]]
+    assert vocab.encode_stream([["<unk>"]]).tolist() == [UNK_ID, END_ID]
+    cov = coverage(vocab, ["the", "<unk>", "<unk>", "cat"])
+    assert cov["oov_rate"] == pytest.approx(0.5) and cov["type_coverage"] == pytest.approx(2 / 3)
+
+
+def test_other_specials_in_the_data_are_unknown_words():
+    vocab = make_vocab(min_freq=1)
+    # a literal "<end>" in a text must not end its line, nor "<pad>"/"<start>" look like padding or a start
+    assert vocab.encode(["a", "<end>", "<pad>", "<start>"]) == [vocab.index["a"], UNK_ID, UNK_ID, UNK_ID]
+    assert vocab.encode_stream([["<end>", "a"]]).tolist() == [UNK_ID, vocab.index["a"], END_ID]
+    assert vocab.encode(["a"], add_start=True, add_end=True) == [START_ID, vocab.index["a"], END_ID]
+    assert coverage(vocab, ["<end>", "a"])["oov_rate"] == pytest.approx(0.5)

@@ -43,3 +43,34 @@ def test_too_little_text_fails_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="val split came out empty"):
         prepare_text.run(p)
     assert not Path(p.paths.text).exists()
+
+
+def test_project_gutenberg_boilerplate_is_stripped_and_counted(tmp_path):
+    header = ("The Project Gutenberg EBook of Cats\nRelease Date: 2001\n\n"
+              "*** START OF THE PROJECT GUTENBERG EBOOK CATS ***\n")
+    book = "".join(f"The Cat sat on mat number {i}.\n" for i in range(50))
+    footer = "*** END OF THE PROJECT GUTENBERG EBOOK CATS ***\n\nSection 3. Donations to the Foundation\n"
+    book_file, plain = tmp_path / "cats.txt", tmp_path / "plain.txt"
+    book_file.write_text(header + book + footer)
+    plain.write_text(book)
+    p = load_params(ROOT / "params.yaml", {**tiny_overrides(tmp_path), "data.text.files": [str(book_file), str(plain)]})
+    metrics = prepare_text.run(p)
+    assert metrics["stripped"] == {"documents": 1, "characters": len(header) + len(footer)}
+    assert metrics["lines"] == {"train": 80, "val": 10, "test": 10}  # 40/5/5 of each file, no marker lines
+    text = "".join((Path(p.paths.text) / f"{s}.txt").read_text() for s in ("train", "val", "test"))
+    assert "Gutenberg" not in text and "Donations" not in text and "Release Date" not in text
+
+
+def test_default_corpus_has_nothing_to_strip(tmp_path):
+    p = load_params(ROOT / "params.yaml", tiny_overrides(tmp_path))
+    assert prepare_text.run(p)["stripped"] == {"documents": 0, "characters": 0}
+
+
+def test_wikitext_tokens_reach_the_word_files_whole(tmp_path):
+    corpus = tmp_path / "wiki.txt"
+    corpus.write_text("".join(f" = Section {i} = \n The <unk> of 1 @,@ 000 @-@ odd men . \n" for i in range(25)))
+    p = load_params(ROOT / "params.yaml", {**tiny_overrides(tmp_path), "data.text.files": [str(corpus)]})
+    prepare_text.run(p)
+    words = (Path(p.paths.text) / "train.words.txt").read_text().split()
+    assert words.count("<unk>") == 20 and words.count("@,@") == 20 and words.count("@-@") == 20
+    assert "<" not in words and "unk" not in words and "@" not in words

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipeline.data.vocab import END_ID, UNK_ID, Vocabulary
 from pipeline.params import load_params
@@ -55,3 +56,54 @@ def test_vocab_sources_captions_only(tmp_path):
     vocab_stage.run(p)
     words = Vocabulary.load(Path(p.paths.vocab) / "words.json")
     assert "hello" not in words and "circle" in words
+
+
+def write_text_only(p, text: dict[str, str]) -> None:
+    """Prepared text only (no COCO folder at all), words tokenised the way prepare_text does."""
+    from pipeline.data.text import word_lines
+
+    t = Path(p.paths.text)
+    t.mkdir(parents=True)
+    for split, body in text.items():
+        (t / f"{split}.txt").write_text(body)
+        (t / f"{split}.words.txt").write_text("".join(" ".join(w) + "\n" for w in word_lines(body, True)))
+
+
+def test_text_only_vocabulary_needs_no_coco(tmp_path):
+    p = load_params(ROOT / "params.yaml", {**tiny_overrides(tmp_path), "vocab.sources": ["text"]})
+    write_text_only(p, TEXT)
+    assert not Path(p.paths.coco).exists()
+    metrics = vocab_stage.run(p)
+    words = Vocabulary.load(Path(p.paths.vocab) / "words.json")
+    assert words.tokens[4:] == ["hello", ".", "again", "world"]  # the train split only
+    enc = Path(p.paths.encoded)
+    assert sorted(f.name for f in enc.iterdir()) == sorted(
+        f"text_{s}_{level}.npy" for s in ("train", "val", "test") for level in ("word", "char"))
+    assert list(metrics["word_coverage"]) == ["text"] and metrics["sources"] == ["text"]
+
+
+def test_captions_as_a_source_without_coco_names_the_file_and_the_stage(tmp_path):
+    p = load_params(ROOT / "params.yaml", tiny_overrides(tmp_path))
+    write_text_only(p, TEXT)
+    with pytest.raises(FileNotFoundError, match=r"train/captions\.jsonl: not found \(vocab\.sources holds captions.*"
+                                                r"dvc repro prepare_coco"):
+        vocab_stage.run(p)
+    assert not Path(p.paths.vocab).exists() and not Path(p.paths.encoded).exists()
+
+
+def test_missing_text_names_the_file_and_the_stage(tmp_path):
+    p = load_params(ROOT / "params.yaml", {**tiny_overrides(tmp_path), "vocab.sources": ["text"]})
+    with pytest.raises(FileNotFoundError, match=r"train\.words\.txt: not found .*dvc repro prepare_text"):
+        vocab_stage.run(p)
+
+
+def test_wikitext_unk_is_encoded_as_the_vocabulary_unk(tmp_path):
+    p = load_params(ROOT / "params.yaml", {**tiny_overrides(tmp_path), "vocab.sources": ["text"]})
+    line = " the <unk> of 1 @,@ 000 @-@ odd <unk> . \n"
+    write_text_only(p, {"train": line * 3, "val": line, "test": line})
+    metrics = vocab_stage.run(p)
+    words = Vocabulary.load(Path(p.paths.vocab) / "words.json")
+    assert words.tokens.count("<unk>") == 1 and "@,@" in words and "@" not in words and "unk" not in words
+    ids = np.load(Path(p.paths.encoded) / "text_val_word.npy").tolist()
+    assert ids == [*words.encode(["the", "<unk>", "of", "1", "@,@", "000", "@-@", "odd", "<unk>", "."]), END_ID]
+    assert ids.count(UNK_ID) == 2 and metrics["word_coverage"]["text"]["val"]["oov_rate"] == 0.2
