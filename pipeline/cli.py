@@ -214,7 +214,8 @@ def caption(
     p = _load(params, set_)
     set_threads(p.runtime.threads)
     module = load_module("captioner", checkpoint or checkpoint_path(p, "captioner"))
-    results, bad = caption_files(module, images, beam or p.evaluate.beam_size, p.evaluate.alpha)
+    results, bad = caption_files(module, images, beam or p.evaluate.beam_size, p.evaluate.alpha,
+                                 no_repeat_ngram=p.evaluate.no_repeat_ngram)
     for result in results:
         typer.echo(f"{result.path}: {result.text}")
         if attention_out is not None and result.attention is not None:

@@ -2,7 +2,8 @@
 
 Greedy, sampling (temperature, top-k), batched beam search with length normalisation, sequence
 log-probabilities, the search-vs-model error analysis of beam search, and free LM text generation.
-Every function runs under no_grad with the model temporarily in eval mode.
+Every function runs under no_grad with the model temporarily in eval mode. No decoder ever emits <pad>,
+<start> or <unk>; greedy, sampling and beam search can also block repeated n-grams (`no_repeat_ngram`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def _stack_attention(steps: list[Tensor | None], lengths: list[int]) -> list[Ten
     return [stacked[i, :n] for i, n in enumerate(lengths)]
 
 
-NEVER_GENERATED = (PAD_ID, START_ID)  # not outputs of any model; an untrained one can still rank them high
+# never outputs: <pad>/<start> are not words (an untrained model can still rank them high); <unk> is not a
+# word either, but trained captioners learn it for every rare word (it was in a third of their COCO captions)
+NEVER_GENERATED = (PAD_ID, START_ID, UNK_ID)
 
 
 def _step(model: nn.Module, memory: Tensor | None, state, tokens: Tensor, suppress=NEVER_GENERATED):
@@ -68,37 +71,69 @@ def _step(model: nn.Module, memory: Tensor | None, state, tokens: Tensor, suppre
     return logp, state, att
 
 
+def _check_ngram(no_repeat_ngram: int) -> None:
+    if no_repeat_ngram < 0:
+        raise ValueError(f"no_repeat_ngram must be >= 0 (0: off), got {no_repeat_ngram}")
+
+
+def _block_repeats(logp: Tensor, history: Tensor, n: int, rows: Tensor | None = None) -> Tensor:
+    """Set to -inf, in place, each token of logp (R, V) that would complete an n-gram already in its row's
+    history (R, t); returns logp.
+
+    n = 0 (off) or a history shorter than n leaves logp as it is; `rows` (R,) bool limits the block to those
+    rows. Vectorised over rows, O(t * n) per row and step: nothing of size V but the write.
+    """
+    t = history.shape[1]
+    if n == 0 or t < n:
+        return logp
+    windows = history.unfold(1, n, 1)  # (R, t-n+1, n): every n-gram of each row so far
+    prefix = history[:, t - n + 1:]  # (R, n-1): the tokens the next n-gram starts with
+    match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # (R, t-n+1); n = 1: every window
+    if rows is not None:
+        match &= rows[:, None]
+    fill = torch.where(match, float("-inf"), float("inf")).to(logp.dtype)  # (R, t-n+1)
+    # min, not assignment: a token can end several windows, matching or not (scatter_ would pick one at random)
+    return logp.scatter_reduce_(1, windows[:, :, -1], fill, reduce="amin")
+
+
 def _run(model: nn.Module, memory: Tensor | None, batch_size: int, max_len: int,
-         choose: Callable[[Tensor], Tensor], start_tokens: Tensor | None) -> DecodeResult:
+         choose: Callable[[Tensor], Tensor], start_tokens: Tensor | None, no_repeat_ngram: int) -> DecodeResult:
     """Left-to-right decoding where `choose(log_probs (B, V)) -> tokens (B,)` picks each token."""
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
+    _check_ngram(no_repeat_ngram)
     device = _device(model, memory)
     tokens = (torch.full((batch_size,), START_ID, dtype=torch.long, device=device)
               if start_tokens is None else start_tokens.to(device))
     state = model.init_state(memory, batch_size)
     score = torch.zeros(batch_size, device=device)
     alive = torch.ones(batch_size, dtype=torch.bool, device=device)
-    out, attn = [], []
+    history = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, steps) tokens chosen so far
+    attn = []
     for _ in range(max_len):
         logp, state, att = _step(model, memory, state, tokens)  # (B, V)
+        # finished rows are left alone: their history holds <end>, so the block could leave them no token
+        logp = _block_repeats(logp, history, no_repeat_ngram, alive)
         tokens = choose(logp)  # (B,)
         score += torch.where(alive, logp.gather(1, tokens[:, None])[:, 0], 0.0)
-        out.append(tokens)
+        history = torch.cat([history, tokens[:, None]], dim=1)
         attn.append(att)
         alive &= tokens != END_ID
         if not alive.any():
             break
-    rows = torch.stack(out, dim=1).tolist()  # (B, steps)
+    rows = history.tolist()  # (B, steps)
     seqs = [row[: row.index(END_ID)] if END_ID in row else row for row in rows]
     return DecodeResult(seqs, score.tolist(), _stack_attention(attn, [len(s) for s in seqs]))
 
 
 def greedy(model: nn.Module, memory: Tensor | None, batch_size: int, max_len: int,
-           start_tokens: Tensor | None = None) -> DecodeResult:
-    """Argmax at each step, up to max_len tokens (incl. <end>); scores are summed log-probs."""
+           start_tokens: Tensor | None = None, *, no_repeat_ngram: int = 0) -> DecodeResult:
+    """Argmax at each step, up to max_len tokens (incl. <end>); scores are summed log-probs.
+
+    no_repeat_ngram n > 0: a token that would complete an n-gram already in the caption is never chosen.
+    """
     with _decoding(model):
-        return _run(model, memory, batch_size, max_len, lambda lp: lp.argmax(-1), start_tokens)
+        return _run(model, memory, batch_size, max_len, lambda lp: lp.argmax(-1), start_tokens, no_repeat_ngram)
 
 
 def _sampler(temperature: float, top_k: int | None,
@@ -124,15 +159,15 @@ def _sampler(temperature: float, top_k: int | None,
 
 def sample(model: nn.Module, memory: Tensor | None, batch_size: int, max_len: int,
            temperature: float = 1.0, top_k: int | None = None,
-           generator: torch.Generator | None = None) -> DecodeResult:
+           generator: torch.Generator | None = None, *, no_repeat_ngram: int = 0) -> DecodeResult:
     """Ancestral sampling from softmax(log p / temperature), optionally among the top k tokens.
 
     Scores are the model's own log-probs of the sampled tokens (untempered). The generator must
-    live on the model's device.
+    live on the model's device. no_repeat_ngram: as in greedy (blocked tokens get probability 0).
     """
     with _decoding(model):
         return _run(model, memory, batch_size, max_len,
-                    _sampler(temperature, top_k, generator), None)
+                    _sampler(temperature, top_k, generator), None, no_repeat_ngram)
 
 
 def _expand(memory: Tensor | None, index: Tensor) -> Tensor | None:
@@ -140,7 +175,7 @@ def _expand(memory: Tensor | None, index: Tensor) -> Tensor | None:
 
 
 def beam_search(model: nn.Module, memory: Tensor | None, batch_size: int, beam_size: int,
-                max_len: int, alpha: float = 0.7) -> DecodeResult:
+                max_len: int, alpha: float = 0.7, no_repeat_ngram: int = 0) -> DecodeResult:
     """Batched beam search; returns per item the best hypothesis by log P / T^alpha.
 
     The whole batch x beam is one batch of B*K rows. Finished hypotheses take beam slots
@@ -151,15 +186,19 @@ def beam_search(model: nn.Module, memory: Tensor | None, batch_size: int, beam_s
     can beat them; this needs no bound on future normalised scores and makes K = 1 exactly greedy.
     At max_len an item with no finished hypothesis returns its best live one (normalised by
     max_len^alpha). T counts generated tokens including <end>.
+
+    no_repeat_ngram n > 0: each hypothesis never extends by a token that would complete an n-gram
+    already in its own tokens (scores stay the model's log-probs, normalised as above).
     """
     if beam_size < 1 or max_len < 1:
         raise ValueError(f"beam_size and max_len must be >= 1, got {beam_size} and {max_len}")
+    _check_ngram(no_repeat_ngram)
     with _decoding(model):
-        return _beam(model, memory, batch_size, beam_size, max_len, alpha)
+        return _beam(model, memory, batch_size, beam_size, max_len, alpha, no_repeat_ngram)
 
 
 def _beam(model: nn.Module, memory: Tensor | None, b: int, k: int, max_len: int,
-          alpha: float) -> DecodeResult:
+          alpha: float, no_repeat_ngram: int) -> DecodeResult:
     device = _device(model, memory)
     rows = torch.arange(b, device=device).repeat_interleave(k)  # (B*K,) item of each row
     memory = _expand(memory, rows)
@@ -171,9 +210,11 @@ def _beam(model: nn.Module, memory: Tensor | None, b: int, k: int, max_len: int,
     hist_tok: list[list[list[int]]] = []  # per step (B, K) token of each slot
     hist_parent: list[list[list[int]]] = []  # per step (B, K) slot it extended
     hist_att: list[Tensor | None] = []  # per step (B*K, N) attention of the parent rows
+    seqs = torch.zeros(b * k, 0, dtype=torch.long, device=device)  # (B*K, t-1) each row's hypothesis so far
     live: list[list[tuple[float, int]]] = [[] for _ in range(b)]
     for t in range(1, max_len + 1):
         logp, state, att = _step(model, memory, state, tokens)  # (B*K, V)
+        logp = _block_repeats(logp, seqs, no_repeat_ngram)  # each row by its own hypothesis
         v = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(b, k, v)).view(b, k * v)  # (B, K*V)
         top, idx = cand.topk(k, dim=-1)  # (B, K), best first
@@ -195,6 +236,7 @@ def _beam(model: nn.Module, memory: Tensor | None, b: int, k: int, max_len: int,
         flat_parent = (parent + torch.arange(b, device=device)[:, None] * k).view(-1)  # (B*K,)
         state = model.select(state, flat_parent)
         tokens = tok.view(-1)
+        seqs = torch.cat([seqs.index_select(0, flat_parent), tokens[:, None]], dim=1)  # (B*K, t)
     return _collect(finished, live, hist_tok, hist_parent, hist_att, k, t)
 
 
@@ -293,8 +335,13 @@ def beam_error_analysis(model: nn.Module, memory: Tensor | None, references: lis
 
 def generate_text(model: nn.Module, prompt_ids: list[int], max_new: int, temperature: float = 1.0,
                   top_k: int | None = None, generator: torch.Generator | None = None,
-                  suppress: tuple[int, ...] = (*NEVER_GENERATED, UNK_ID)) -> list[int]:
-    """Feed a non-empty prompt through `step`, then sample max_new tokens (never `suppress`); returns them."""
+                  suppress: tuple[int, ...] = NEVER_GENERATED) -> list[int]:
+    """Feed a non-empty prompt through `step`, then sample max_new tokens (never `suppress`); returns them.
+
+    <unk> is suppressed at both levels: for words it is no word, for characters it stands for every rare
+    character at once and would print as the five characters "<unk>". No n-gram block: character text
+    repeats n-grams all the time.
+    """
     if not prompt_ids:
         raise ValueError("generate_text: the prompt needs at least one token")
     choose = _sampler(temperature, top_k, generator)

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.baselines import nearest_neighbour_scores
 from pipeline.decoding import beam_error_analysis, beam_search
-from pipeline.metrics import bits, caption_scores, nltk_bleu4, perplexity, unigram_cross_entropy
+from pipeline.metrics import bits, caption_flaws, caption_scores, nltk_bleu4, perplexity, unigram_cross_entropy
 from pipeline.params import Params
 from pipeline.training.datamodules import CaptionDataModule, LanguageModelDataModule
 from pipeline.training.fit import build_datamodule, load_module, vocabulary
@@ -46,7 +46,7 @@ def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: s
     return {**scores, "nltk_bleu_4": nltk_bleu4({k: refs[k] for k in hyps}, hyps),
             "beam_size": beam_size, "alpha": alpha, "no_repeat_ngram": no_repeat_ngram, "images": len(hyps),
             "search_error_fraction": search_errors / max(1, items),
-            "model_error_fraction": (items - search_errors) / max(1, items)}
+            "model_error_fraction": (items - search_errors) / max(1, items), **caption_flaws(hyps)}
 
 
 @torch.no_grad()

@@ -45,26 +45,31 @@ def load_images(paths: list[Path], size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def caption_array(module: CaptioningModule, images: np.ndarray, beam_size: int,
-                  alpha: float) -> list[tuple[list[str], torch.Tensor | None]]:
-    """Beam-search captions of prepared images (B, 3, S, S) uint8: each caption's words and attention."""
+def caption_array(module: CaptioningModule, images: np.ndarray, beam_size: int, alpha: float, *,
+                  no_repeat_ngram: int = 0) -> list[tuple[list[str], torch.Tensor | None]]:
+    """Beam-search captions of prepared images (B, 3, S, S) uint8: each caption's words and attention.
+
+    no_repeat_ngram: the n-gram block of beam_search (evaluate.no_repeat_ngram; 0: off).
+    """
     batch = torch.from_numpy(images).to(module.device)
     memory = module.model.encode(batch)
-    result = beam_search(module.model, memory, len(images), beam_size, module.model_cfg.max_len, alpha)
+    result = beam_search(module.model, memory, len(images), beam_size, module.model_cfg.max_len, alpha,
+                         no_repeat_ngram)
     vocab = module.vocab_tokens
     attention = result.attention or [None] * len(images)
     return [([vocab[t] for t in tokens], att) for tokens, att in zip(result.tokens, attention, strict=True)]
 
 
-def caption_images(module: CaptioningModule, paths: list[Path], beam_size: int, alpha: float) -> list[Caption]:
+def caption_images(module: CaptioningModule, paths: list[Path], beam_size: int, alpha: float, *,
+                   no_repeat_ngram: int = 0) -> list[Caption]:
     """Beam-search captions for image files (a bad file is an error naming it)."""
     images = load_images(paths, int(module.hparams["image_size"]))
-    return [Caption(path, words, att) for path, (words, att) in
-            zip(paths, caption_array(module, images, beam_size, alpha), strict=True)]
+    captions = caption_array(module, images, beam_size, alpha, no_repeat_ngram=no_repeat_ngram)
+    return [Caption(path, words, att) for path, (words, att) in zip(paths, captions, strict=True)]
 
 
-def caption_files(module: CaptioningModule, paths: list[Path], beam_size: int,
-                  alpha: float) -> tuple[list[Caption], list[str]]:
+def caption_files(module: CaptioningModule, paths: list[Path], beam_size: int, alpha: float, *,
+                  no_repeat_ngram: int = 0) -> tuple[list[Caption], list[str]]:
     """Captions of the usable files among `paths`, and one message per file that could not be used."""
     good, bad = [], []
     for path in paths:
@@ -73,7 +78,7 @@ def caption_files(module: CaptioningModule, paths: list[Path], beam_size: int,
             good.append(path)
         except ValueError as err:
             bad.append(str(err))
-    return (caption_images(module, good, beam_size, alpha) if good else []), bad
+    return (caption_images(module, good, beam_size, alpha, no_repeat_ngram=no_repeat_ngram) if good else []), bad
 
 
 def attention_strip(image: np.ndarray, words: list[str], attention: torch.Tensor, cell: int = 128) -> Image.Image:
@@ -152,12 +157,13 @@ def record_bytes(index: int, value: object, column: str) -> bytes:
 
 
 def caption_bytes(module: CaptioningModule, images: list[object], beam_size: int, alpha: float,
-                  max_pixels: int | None = None, column: str = "image") -> list[str]:
+                  max_pixels: int | None = None, column: str = "image", *, no_repeat_ngram: int = 0) -> list[str]:
     """Captions for encoded images given as bytes or base64 text (what a served model receives).
 
     Images are decoded one at a time and shrunk at once, so memory holds one full-size image; an image
     of more than max_pixels (width x height, from its header) is refused before any pixel is decoded.
-    Bad records raise BadRecords naming each of them; nothing is captioned then.
+    Bad records raise BadRecords naming each of them; nothing is captioned then. no_repeat_ngram is keyword-only
+    and 0 by default: a model registered before it runs its own older served_model.py, which never passes it.
     """
     size = int(module.hparams["image_size"])
     limits = ImageLimits(max_bytes=None, max_pixels=max_pixels)
@@ -177,4 +183,5 @@ def caption_bytes(module: CaptioningModule, images: list[object], beam_size: int
         raise BadRecords(bad)
     if not arrays:
         return []
-    return [detokenize(words) for words, _ in caption_array(module, np.stack(arrays), beam_size, alpha)]
+    captions = caption_array(module, np.stack(arrays), beam_size, alpha, no_repeat_ngram=no_repeat_ngram)
+    return [detokenize(words) for words, _ in captions]

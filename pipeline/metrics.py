@@ -137,6 +137,17 @@ def caption_scores(
     return scores
 
 
+def caption_flaws(hypotheses: dict[int, str], n: int = 3) -> dict[str, int]:
+    """How many captions contain <unk>, and how many repeat an n-gram (what a reader notices first)."""
+    def repeats(words: list[str]) -> bool:
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        return len(grams) != len(set(grams))
+
+    words = [h.split() for h in hypotheses.values()]
+    return {"captions_with_unk": sum("<unk>" in w for w in words),
+            f"captions_with_repeated_{n}gram": sum(repeats(w) for w in words)}
+
+
 def consensus_captions(references: dict[int, list[str]]) -> dict[int, str]:
     """Per image, the reference with the highest CIDEr against the image's other references.
 

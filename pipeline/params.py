@@ -235,7 +235,7 @@ class OptimParams(Section):
     beta1: float = Field(ge=0.0, lt=1.0)
     beta2: float = Field(ge=0.0, lt=1.0)
     schedule: Literal["constant", "inverse_time", "exponential", "cosine"]
-    warmup_steps: int = Field(ge=0)
+    warmup_fraction: float = Field(ge=0.0, lt=1.0)  # of all optimizer steps (max_epochs x steps per epoch)
     decay_rate: float = Field(ge=0.0)
     gamma: float = Field(gt=0.0, le=1.0)
     max_epochs: int = Field(ge=1)
@@ -248,6 +248,8 @@ class OptimParams(Section):
 
 class CaptionerTrainParams(OptimParams):
     scheduled_sampling: list[float] = Field(min_length=2, max_length=2)
+    scst_epochs: int = Field(ge=0)  # self-critical epochs after the max_epochs of cross-entropy; 0: off
+    scst_lr: float = Field(gt=0.0, le=10.0)  # their constant learning rate
 
     @model_validator(mode="after")
     def _probabilities(self) -> CaptionerTrainParams:
@@ -289,6 +291,7 @@ class EvaluateParams(Section):
     meteor: bool
     temperatures: list[float] = Field(min_length=1)
     sample_length: int = Field(ge=1)
+    no_repeat_ngram: int = Field(ge=0)  # 0: off
 
 
 class ServeParams(Section):

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.params import Params, flatten_keys, validate_params
-from pipeline.training.fit import MONITOR, train
+from pipeline.training.fit import MONITOR, run_params, train
 
 
 def _parse(logged: str, template: Any) -> Any:
@@ -59,6 +59,8 @@ def reproduce_trial(p: Params, run_id: str, tolerance: float) -> dict[str, Any]:
     if recorded is None:
         raise ValueError(f"MLflow run {run_id} has no finite {monitor} to reproduce (status {run['status']})")
     trial_params, missing = recorded_params(p, run["params"])
+    logged_by_trials = tracking.flatten(run_params(p, family))  # the rest of params is not the trial's to log
+    missing = [key for key in missing if key in logged_by_trials]
     now = tracking.lineage_tags(Path.cwd())
     data_changed = sorted(k for k, v in run["tags"].items() if k.startswith("dvc.") and now.get(k) != v)
     with tempfile.TemporaryDirectory(prefix="capline-reproduce-") as scratch:

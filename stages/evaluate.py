@@ -44,13 +44,27 @@ def log_to_training_run(p: Params, family: str, ckpt: Path, metrics: dict) -> st
         log.warning("MLflow run %s (%s) is not in the store: test scores not logged there", run_id, record_path)
         return None
     tracking.log_metrics(run_id, {f"test/{k}": v for k, v in metrics.items()})
+    registered = record.get("registered") or {}
+    if registered.get("name") and registered.get("version"):
+        tracking.record_scores(p.tracking.uri, registered["name"], registered["version"], metrics,
+                               headline(family, metrics))
     return run_id
+
+
+def headline(family: str, m: dict) -> str:
+    """One line a reader of the model registry wants: the test scores against the baseline."""
+    if family == "captioner":
+        return (f"test split ({m['images']} images): BLEU-4 {m['bleu_4']:.3f}, CIDEr {m['cider']:.3f}; copying the "
+                f"nearest training image's caption: BLEU-4 {m['nn_bleu_4']:.3f}, CIDEr {m['nn_cider']:.3f}")
+    return (f"test split ({m['tokens']:,} {m['level']} tokens): perplexity {m['perplexity']:.2f}, "
+            f"{m['bits_per_char']:.3f} bits/char; unigram model: {m['unigram_bits_per_char']:.3f} bits/char")
 
 
 def run(p: Params, family: str, checkpoint: str | Path | None = None) -> dict:
     """Evaluate `family` (default: its best.ckpt); write metrics/evaluate_<family>.json and its learning curve.
 
-    The scores also go to the final model's MLflow run as test/<metric>, beside its training curves.
+    The scores also go to the final model's MLflow run as test/<metric>, beside its training curves, and to its
+    registered model version (test.<metric> tags and a one-line description).
     """
     set_threads(p.runtime.threads)
     ckpt = Path(checkpoint) if checkpoint else checkpoint_path(p, family, "best")

@@ -81,7 +81,8 @@ def run(p: Params, family: str, resume: bool = False, best: bool = False, regist
         from pipeline import tracking
 
         served = {"beam_size": p.evaluate.beam_size, "alpha": p.evaluate.alpha,  # serve as evaluation decodes
-                  "sample_length": p.evaluate.sample_length, **p.serve.model_dump(exclude={"max_request_bytes"})}
+                  "no_repeat_ngram": p.evaluate.no_repeat_ngram, "sample_length": p.evaluate.sample_length,
+                  **p.serve.model_dump(exclude={"max_request_bytes"})}
         metrics["registered"] = tracking.register_checkpoint(
             p.tracking.uri, result.run_id, family, result.best_checkpoint, served, alias="champion")
     write_json(Path(p.paths.metrics) / f"train_{family}.json", metrics)

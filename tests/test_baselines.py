@@ -56,3 +56,11 @@ def test_pooled_features_are_unit_length_region_means_in_loader_order_and_leave_
     assert keys == [5, 6, 7, 8] and encoder.training
     expected = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 2.0], [1.0, 0.0]]), dim=1)
     torch.testing.assert_close(feats, expected)  # dropout at 0.9 in train mode would have changed these
+
+
+def test_caption_flaws_count_unknown_words_and_repeated_trigrams():
+    from pipeline.metrics import caption_flaws
+
+    hyps = {1: "a table with a table with a chair", 2: "a <unk> on a bed", 3: "a dog on a dog bed", 4: "a cat"}
+    assert caption_flaws(hyps) == {"captions_with_unk": 1, "captions_with_repeated_3gram": 1}  # "a table with"
+    assert caption_flaws(hyps, n=2)["captions_with_repeated_2gram"] == 2  # and "a dog"

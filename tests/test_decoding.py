@@ -1,4 +1,4 @@
-"""Decoding: greedy, sampling, batched beam search, sequence scores, error analysis, LM text."""
+"""Decoding: greedy, sampling, batched beam search, sequence scores, error analysis, LM text, n-gram blocking."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.vocab import END_ID, PAD_ID, START_ID
+from pipeline.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from pipeline.decoding import (
     beam_error_analysis,
     beam_search,
@@ -264,7 +264,7 @@ def test_generate_text(make):
 
 
 class PrefersSpecials(nn.Module):
-    """A model whose favourite next tokens are <pad> and <start> (as an untrained one may be)."""
+    """A model whose favourite next tokens are <pad>, <start> and <unk> (as an untrained one may be)."""
 
     def init_state(self, memory, batch_size):
         return torch.zeros(batch_size)
@@ -277,9 +277,152 @@ class PrefersSpecials(nn.Module):
         return state[index]
 
 
-def test_pad_and_start_are_never_generated():
+def test_pad_start_and_unk_are_never_generated():
     model = PrefersSpecials()
-    assert greedy(model, None, 2, 4).tokens == [[3, 3, 3, 3]] * 2
-    assert all(t not in (0, 1) for seq in beam_search(model, None, 2, 3, 4).tokens for t in seq)
+    assert greedy(model, None, 2, 4).tokens == [[5, 5, 5, 5]] * 2  # b: the best of the rest
+    assert all(t not in (0, 1, 3) for seq in beam_search(model, None, 2, 3, 4).tokens for t in seq)
+    drawn = sample(model, None, 50, 4, generator=torch.Generator().manual_seed(0)).tokens
+    assert {t for seq in drawn for t in seq} == {4, 5}  # <end> ends them
     new = generate_text(model, [4], 6, temperature=1.0, generator=torch.Generator().manual_seed(0))
-    assert set(new) <= {2, 4, 5}  # <unk> is suppressed in free text too
+    assert set(new) <= {2, 4, 5}  # in free text too (a char vocabulary's <unk> would print as "<unk>")
+
+
+# ---- n-gram blocking ----------------------------------------------------------------------------------------
+TABLE, WITH, DOT = 5, 6, 7  # with A: "a table with a table ."; 8 is a spare word
+
+
+class Looper(nn.Module):
+    """Test-only captioner that loops "a table with a table with ..." and would rather say <unk> than anything.
+
+    Next-token logits depend on the previous token only; <end> is impossible before step `ends` and near
+    certain from then on, so every caption has `ends` tokens and the loop is also beam search's best.
+    """
+
+    def __init__(self, ends: int = 9):
+        super().__init__()
+        logits = torch.zeros(9, 9)  # (previous token, next token)
+        logits[:, UNK_ID] = 6.0
+        for prev, nxt in {START_ID: A, A: TABLE, TABLE: WITH, WITH: A}.items():
+            logits[prev, nxt] = 4.0
+        logits[TABLE, DOT] = 2.0
+        logits[DOT, END_ID] = 10.0
+        self.register_buffer("logits", logits)
+        self.ends = ends
+
+    def init_state(self, memory, batch_size):
+        return torch.zeros(batch_size, dtype=torch.long)  # (B,) steps taken
+
+    def step(self, memory, state, tokens):
+        end = F.one_hot(torch.tensor(END_ID), 9) * torch.where(state >= self.ends, 8.0, -30.0)[:, None]  # (B, V)
+        return torch.log_softmax(self.logits[tokens] + end, dim=-1), state + 1, None
+
+    def select(self, state, index):
+        return state.index_select(0, index)
+
+
+def repeats(tokens: list[int], n: int) -> bool:
+    """Whether some n-gram occurs twice in tokens."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def banned(tokens: list[int], n: int) -> set[int]:
+    """The rule from plain lists: tokens that would complete an n-gram already in `tokens` (n = 0: none)."""
+    if n == 0:
+        return set()
+    prefix = tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else ()
+    return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix}
+
+
+ALLOWED = set(range(V)) - {PAD_ID, START_ID, UNK_ID}
+
+
+@torch.no_grad()
+def reference_greedy(model, memory, max_len: int, n: int) -> list[int]:
+    """One item's greedy decoding, argmax over the allowed tokens, one step at a time."""
+    state, out, prev = model.init_state(memory, 1), [], START_ID
+    for _ in range(max_len):
+        logp, state, _ = model.step(memory, state, torch.tensor([prev]))
+        prev = max(ALLOWED - banned(out, n), key=lambda t: logp[0, t].item())
+        if prev == END_ID:
+            break
+        out.append(prev)
+    return out
+
+
+@torch.no_grad()
+def reference_beam(model, memory, k: int, max_len: int, alpha: float, n: int) -> tuple[list[int], float]:
+    """One item's beam search hypothesis by hypothesis (lists, no batching): best tokens, normalised score."""
+    live, finished = [(0.0, [], model.init_state(memory, 1))], []
+    for t in range(1, max_len + 1):
+        cands = []
+        for score, toks, state in live:
+            logp, after, _ = model.step(memory, state, torch.tensor([toks[-1] if toks else START_ID]))
+            cands += [(score + logp[0, tok].item(), [*toks, tok], after) for tok in ALLOWED - banned(toks, n)]
+        kept = sorted(cands, key=lambda c: -c[0])[:k][: k - len(finished)]  # finished ones hold slots
+        finished += [(s / t**alpha, toks[:-1]) for s, toks, _ in kept if toks[-1] == END_ID]
+        live = [c for c in kept if c[1][-1] != END_ID]
+        if not live:
+            break
+    score, toks = max(finished) if finished else max((s / t**alpha, toks) for s, toks, _ in live)
+    return toks, score
+
+
+def test_the_looper_says_unk_and_repeats_itself_without_the_block():
+    looper = Looper()
+    logp, _, _ = looper.step(None, looper.init_state(None, 1), torch.tensor([START_ID]))
+    assert int(logp.argmax()) == UNK_ID  # its favourite word
+    loop = [A, TABLE, WITH] * 3
+    assert greedy(looper, None, 2, 12).tokens == [loop] * 2
+    assert beam_search(looper, None, 2, 3, 12, no_repeat_ngram=0).tokens == [loop] * 2
+    drawn = sample(looper, None, 64, 12, generator=torch.Generator().manual_seed(0)).tokens
+    assert sum(repeats(seq, 3) for seq in drawn) > 32
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_unk_and_no_repeated_ngram_with_the_block(n):
+    looper = Looper()
+    outputs = {"greedy": greedy(looper, None, 2, 12, no_repeat_ngram=n).tokens,
+               "beam": beam_search(looper, None, 2, 3, 12, no_repeat_ngram=n).tokens,
+               "sample": sample(looper, None, 64, 12, generator=torch.Generator().manual_seed(0),
+                                no_repeat_ngram=n).tokens}
+    for name, seqs in outputs.items():
+        for seq in seqs:
+            assert seq and UNK_ID not in seq and not repeats(seq, n), (name, seq)
+    if n == 3:  # the loop is cut where it would repeat "a table with"; "." is the next best after "table"
+        assert outputs["greedy"][0][:6] == [A, TABLE, WITH, A, TABLE, DOT]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_greedy_block_picks_the_best_allowed_token(model, memory, n):
+    blocked = greedy(model, memory, 6, 10, no_repeat_ngram=n).tokens
+    assert blocked == [reference_greedy(model, memory[i : i + 1], 10, n) for i in range(6)]
+    assert blocked != greedy(model, memory, 6, 10).tokens  # this model repeats itself: the block changes it
+    assert beam_search(model, memory, 6, 1, 10, no_repeat_ngram=n).tokens == blocked  # beam 1 is still greedy
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_batched_beam_blocks_each_hypothesis_by_its_own_history(model, memory, n):
+    batched = beam_search(model, memory, 6, beam_size=3, max_len=10, alpha=0.7, no_repeat_ngram=n)
+    assert batched.tokens != beam_search(model, memory, 6, 3, 10, 0.7).tokens
+    for i in range(6):
+        tokens, score = reference_beam(model, memory[i : i + 1], 3, 10, 0.7, n)
+        assert batched.tokens[i] == tokens and not repeats(tokens, n)
+        assert batched.scores[i] == pytest.approx(score, abs=1e-5)
+
+
+def test_blocked_beam_scores_are_still_length_normalised(model, memory):
+    result = beam_search(model, memory, 6, beam_size=4, max_len=10, alpha=0.7, no_repeat_ngram=2)
+    for i, toks in enumerate(result.tokens):
+        score, att = teacher_forced(model, memory[i : i + 1], toks)  # the model's own log-probs
+        torch.testing.assert_close(result.attention[i], att)
+        if len(toks) < 10:
+            assert result.scores[i] == pytest.approx(score / (len(toks) + 1) ** 0.7, abs=1e-5)
+
+
+def test_a_negative_no_repeat_ngram_is_an_error(model, memory):
+    for decode in (lambda: greedy(model, memory, 6, 10, no_repeat_ngram=-1),
+                   lambda: sample(model, memory, 6, 10, no_repeat_ngram=-1),
+                   lambda: beam_search(model, memory, 6, 3, 10, no_repeat_ngram=-1)):
+        with pytest.raises(ValueError, match="no_repeat_ngram must be >= 0"):
+            decode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -11,11 +12,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline import decoding
 from pipeline.cli import app
 from pipeline.evaluation import evaluate
 from pipeline.inference import attention_strip, caption_images, generate, prompt_ids
-from pipeline.params import load_params
-from pipeline.training.fit import checkpoint_path, load_module, train
+from pipeline.params import apply_overrides, load_params, validate_params
+from pipeline.training.fit import build_datamodule, build_module, checkpoint_path, load_module, train, vocabulary
 from tests.conftest import ROOT, overrides_under
 
 runner = CliRunner()
@@ -42,6 +44,7 @@ def test_evaluate_captioner_metrics(trained):
     assert m["search_error_fraction"] + m["model_error_fraction"] == pytest.approx(1.0)
     for key in ("nn_bleu_4", "nn_rouge_l", "nn_cider"):  # the nearest-neighbour baseline beside the model
         assert 0.0 <= m[key] <= 10.0, key
+    assert m["captions_with_unk"] == 0 and 0 <= m["captions_with_repeated_3gram"] <= m["images"]
 
 
 @pytest.mark.parametrize("family", ["lstm_lm", "transformer_lm"])
@@ -120,3 +123,32 @@ def test_cli_train_prints_the_checkpoint(prepared_params, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"checkpoint: {tmp_path / 'models' / 'transformer_lm' / 'best.ckpt'}" in result.output
     assert (tmp_path / "metrics" / "train_transformer_lm.json").is_file()
+
+
+def test_no_repeat_ngram_reaches_every_caption_decoder(trained, prepared_params, monkeypatch):
+    """evaluate.no_repeat_ngram goes from params to beam search (evaluate, `capline caption`) and to validation."""
+    seen: list[int] = []
+
+    def spy(*args, **kwargs):
+        seen.append(inspect.signature(decoding.beam_search).bind(*args, **kwargs).arguments["no_repeat_ngram"])
+        return decoding.beam_search(*args, **kwargs)
+
+    monkeypatch.setattr("pipeline.evaluation.beam_search", spy)
+    monkeypatch.setattr("pipeline.inference.beam_search", spy)
+    p = validate_params(apply_overrides(trained["params"].to_dict(), {"evaluate.no_repeat_ngram": 1}))
+    assert evaluate(p, "captioner", checkpoint_path(p, "captioner"))["no_repeat_ngram"] == 1
+    assert seen and set(seen) == {1}
+
+    seen.clear()
+    image = sorted((Path(prepared_params.paths.sample) / "images").glob("*.jpg"))[0]
+    sets = [arg for s in [*trained["set"], "evaluate.no_repeat_ngram=2"] for arg in ("--set", s)]
+    result = runner.invoke(app, ["caption", str(image), *sets])
+    assert result.exit_code == 0, result.output
+    assert seen == [2]
+
+    # training's validation decodes greedily with it (val/cider scores captions as evaluation makes them)
+    trained_with = trained["params"].evaluate.no_repeat_ngram  # params.yaml's
+    assert load_module("captioner", checkpoint_path(p, "captioner")).hparams["no_repeat_ngram"] == trained_with
+    vocab = vocabulary(p, "captioner")
+    module = build_module(p, "captioner", vocab, build_datamodule(p, "captioner", vocab))
+    assert module.hparams["no_repeat_ngram"] == 1

@@ -13,13 +13,15 @@ import yaml
 
 from pipeline import tracking
 from pipeline.tracking.registry import DIGESTS_TAG, compare_files, serve_command
+from stages import evaluate as evaluate_stage
 from stages import train as train_stage
 from tests.conftest import params_under
 
 
 def test_registered_champion_loads_and_predicts_with_the_evaluate_settings(prepared_params, tmp_path):
     p = params_under(prepared_params, tmp_path, **{"evaluate.sample_length": 7, "evaluate.beam_size": 4,
-                                                    "evaluate.alpha": 0.3, "serve.temperature": 0.6})
+                                                    "evaluate.alpha": 0.3, "evaluate.no_repeat_ngram": 2,
+                                                    "serve.temperature": 0.6})
     uri = p.tracking.uri
     best = Path(p.paths.sweeps) / "lstm_lm" / "best.json"
     best.parent.mkdir(parents=True)
@@ -38,8 +40,8 @@ def test_registered_champion_loads_and_predicts_with_the_evaluate_settings(prepa
     # models-from-code: the code is a file, the settings are data, the weights a checkpoint; nothing pickled
     mlmodel = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
     assert mlmodel["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in mlmodel
-    assert mlmodel["config"] == {"family": "lstm_lm", "beam_size": 4, "alpha": 0.3, "sample_length": 7,
-                                       "temperature": 0.6, "max_records": p.serve.max_records,
+    assert mlmodel["config"] == {"family": "lstm_lm", "beam_size": 4, "alpha": 0.3, "no_repeat_ngram": 2,
+                                       "sample_length": 7, "temperature": 0.6, "max_records": p.serve.max_records,
                                        "max_image_pixels": p.serve.max_image_pixels}
     assert not [f for f in folder.rglob("*") if f.suffix == ".pkl"]
 
@@ -47,6 +49,12 @@ def test_registered_champion_loads_and_predicts_with_the_evaluate_settings(prepa
     out = model.predict(pd.DataFrame({"prompt": ["The ", "def "]}))
     assert len(out) == 2 and out[0].startswith("The ") and out[1].startswith("def ")
     assert [len(o) for o in out] == [len("The ") + 7, len("def ") + 7]  # char-level: evaluate.sample_length chars
+
+    scores = evaluate_stage.run(p, "lstm_lm")  # the test scores reach the version a user deploys
+    version = mlflow.MlflowClient().get_model_version("capline-lstm_lm", version.version)
+    assert float(version.tags["test.bits_per_char"]) == pytest.approx(scores["bits_per_char"], rel=1e-5)
+    assert version.description.startswith("test split (") and f"perplexity {scores['perplexity']:.2f}" in \
+        version.description
 
 
 def test_file_digests_are_compared_file_by_file():

@@ -91,12 +91,15 @@ def start_server(p: Params, root: Path, *overrides: str) -> tuple[subprocess.Pop
 
 
 def test_served_champion_captions_an_image_like_evaluation_does(prepared_params, tmp_path):
-    p = params_under(prepared_params, tmp_path, **{"evaluate.beam_size": 4, "evaluate.alpha": 0.2})
+    p = params_under(prepared_params, tmp_path, **{"evaluate.beam_size": 4, "evaluate.alpha": 0.2,
+                                                    "evaluate.no_repeat_ngram": 1})
     trained = register_captioner(p)
     images = sorted((Path(p.data.coco.images)).glob("*.jpg"))[:2]
     raw = [path.read_bytes() for path in images]
     module = load_module("captioner", trained["best_checkpoint"])
-    expected = caption_bytes(module, raw, p.evaluate.beam_size, p.evaluate.alpha)  # evaluation's decoding
+    e = p.evaluate
+    expected = caption_bytes(module, raw, e.beam_size, e.alpha, no_repeat_ngram=1)  # evaluation's decoding
+    assert expected != caption_bytes(module, raw, e.beam_size, e.alpha)  # the tiny model repeats words unblocked
 
     proc, url, log = start_server(p, tmp_path)
     try:

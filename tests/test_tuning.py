@@ -219,6 +219,9 @@ def test_two_trial_sweep_is_tracked_as_nested_runs_and_rerun_reuses_it(local_ray
         assert tags["sweep.status"] == trial.status
         assert json.loads(child["params"][f"train.{FAMILY}.lr"]) == trial.config[f"train.{FAMILY}.lr"]
         assert json.loads(child["params"][f"train.{FAMILY}.epoch_fraction"]) == 0.5
+        others = [k for k in child["params"] if k != "seed" and not k.startswith(f"models.{FAMILY}.")
+                  and not (k.startswith("train.") and k.split(".")[1] not in ("captioner", "transformer_lm"))]
+        assert others == []  # the family's own params, once: no other family's, no Lightning copies (model/*)
         history = tracking.metric_history(uri, trial.run_id, "val/loss")
         assert len(history) == trial.epochs and min(v for _, v in history) == pytest.approx(trial.metric)
         assert (trial.status == "completed") == (trial.epochs == s.max_epochs)

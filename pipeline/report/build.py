@@ -73,7 +73,8 @@ class ReportBuilder:
                                      None, "", 0, self.sink, None)
         module = load_module("captioner", ckpt)
         r, e = self.p.report, self.p.evaluate
-        captions = caption_test_images(module, Path(self.p.paths.coco), r.test_images, e.beam_size, e.alpha)
+        captions = caption_test_images(module, Path(self.p.paths.coco), r.test_images, e.beam_size, e.alpha,
+                                       e.no_repeat_ngram)
         return captioner_section(captions, "", self._json("evaluate_captioner.json"), module.model_cfg.arch,
                                  r.attention_images, self.sink, self.run_id("captioner"))
 

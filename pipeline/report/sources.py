@@ -94,9 +94,9 @@ class CaptionedImage:
     attention: torch.Tensor | None
 
 
-def caption_test_images(module: Any, coco_dir: Path, count: int, beam_size: int,
-                        alpha: float) -> list[CaptionedImage]:
-    """Beam-search captions of the first `count` images of the prepared test split (what evaluate@ scores)."""
+def caption_test_images(module: Any, coco_dir: Path, count: int, beam_size: int, alpha: float,
+                        no_repeat_ngram: int) -> list[CaptionedImage]:
+    """Beam-search captions of the first `count` images of the prepared test split (as evaluate@ decodes them)."""
     from pipeline.data.coco import read_captions
     from pipeline.decoding import beam_search
 
@@ -112,7 +112,7 @@ def caption_test_images(module: Any, coco_dir: Path, count: int, beam_size: int,
     images = np.array(shard[:count])  # (B, 3, S, S), a writable copy of the mapped file
     with torch.no_grad():
         memory = module.model.encode(torch.from_numpy(images).to(module.device))
-        result = beam_search(module.model, memory, count, beam_size, module.model_cfg.max_len, alpha)
+        result = beam_search(module.model, memory, count, beam_size, module.model_cfg.max_len, alpha, no_repeat_ngram)
     attention = result.attention or [None] * count
     vocab = module.vocab_tokens
     return [CaptionedImage(rec["image_id"], images[i], [vocab[t] for t in result.tokens[i]],

@@ -21,7 +21,7 @@ from pipeline.tracking.lookups import (
     run_exists,
     tag_filter,
 )
-from pipeline.tracking.registry import fetch_model, register_checkpoint, serve_command
+from pipeline.tracking.registry import fetch_model, record_scores, register_checkpoint, serve_command
 from pipeline.tracking.runs import (
     END_STATUSES,
     HOST_TAG,
@@ -49,7 +49,7 @@ __all__ = [
     "fetch_model", "find_runs",
     "flatten", "get_run", "latest_sweep", "lightning_logger", "lineage_tags", "list_artifacts",
     "load_artifact_dict", "log_artifact", "log_dict", "log_figure", "log_metrics", "log_params_flat",
-    "mark_stale_runs", "metric_history", "params_hash", "register_checkpoint", "reopen_run", "resolve_run_id",
-    "run_exists",
+    "mark_stale_runs", "metric_history", "params_hash", "record_scores", "register_checkpoint", "reopen_run",
+    "resolve_run_id", "run_exists",
     "serve_command", "set_tags", "start_run", "tag_filter", "use",
 ]

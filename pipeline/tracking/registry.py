@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import shlex
 import sys
 import tempfile
@@ -28,7 +29,8 @@ from pipeline.tracking.store import MAX_TAG_VALUE, use
 
 MODEL_CODE = Path(__file__).with_name("served_model.py")  # logged as the model's code, never imported by it
 DIGESTS_TAG = "capline.sha256"  # model-version tag: {relative path: sha256} of every file of the model
-CONFIG_KEYS = ("beam_size", "alpha", "sample_length", "temperature", "max_records", "max_image_pixels")
+CONFIG_KEYS = ("beam_size", "alpha", "no_repeat_ngram", "sample_length", "temperature", "max_records",
+               "max_image_pixels")
 SERVE_KEYS = ("temperature", "max_records", "max_image_pixels")  # what `capline serve` may override
 # explicit: inferring them would load the model in a subprocess (slow)
 REQUIREMENTS = ["torch", "pytorch-lightning", "pillow", "numpy", "nltk", "pydantic"]
@@ -89,8 +91,8 @@ def register_checkpoint(uri: str, run_id: str, family: str, checkpoint: str | Pa
     """Log `checkpoint` as a models-from-code pyfunc in run `run_id`, register it as `capline-<family>`,
     record the sha256 of each of its files on the version, then point `alias` at it.
 
-    config: beam_size, alpha, sample_length (decoding as evaluation does it), temperature, max_records,
-    max_image_pixels; stored in the model's MLmodel as model_config.
+    config: beam_size, alpha, no_repeat_ngram, sample_length (decoding as evaluation does it), temperature,
+    max_records, max_image_pixels; stored in the model's MLmodel as model_config.
     """
     model_config = served_config(family, config)
     use(uri)
@@ -110,6 +112,16 @@ def register_checkpoint(uri: str, run_id: str, family: str, checkpoint: str | Pa
     client.set_model_version_tag(name, version.version, DIGESTS_TAG, manifest)
     client.set_registered_model_alias(name, alias, version.version)  # last: the alias never names an unsealed one
     return {"name": name, "version": str(version.version), "alias": alias, "uri": f"models:/{name}@{alias}"}
+
+
+def record_scores(uri: str, name: str, version: str, scores: Mapping[str, Any], headline: str) -> None:
+    """Test scores on a registered model version: a test.<metric> tag per number, `headline` as its description."""
+    use(uri)
+    client = MlflowClient()
+    for key, value in scores.items():
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            client.set_model_version_tag(name, version, f"test.{key}", f"{float(value):.6g}")
+    client.update_model_version(name, version, description=headline)
 
 
 def _check_uploaded(digests: Mapping[str, str], checkpoint: Path) -> None:

@@ -51,13 +51,19 @@ def lightning_logger(
     """
     from pytorch_lightning.loggers import MLFlowLogger
 
-    class LoggingOnly(MLFlowLogger):
+    class ParamsOnce(MLFlowLogger):
+        def log_hyperparams(self, params: Any) -> None:
+            """Skip Lightning's dump of the module's hyperparameters: the caller logs the run's params once,
+            by their params.yaml names (log_params_flat), where the dump would repeat them as model/*, train/*
+            and add the whole vocabulary."""
+
+    class LoggingOnly(ParamsOnce):
         def finalize(self, status: str = "success") -> None:
             """Leave the run's status alone: a killed attempt's late teardown must not end a retried run."""
 
     configure(uri, experiment)
     all_tags = _run_tags(tags)
-    logger = (MLFlowLogger if ends_run else LoggingOnly)(
+    logger = (ParamsOnce if ends_run else LoggingOnly)(
         experiment_name=experiment, run_name=run_name, tracking_uri=without_login(uri), tags=all_tags,
         log_model=False, artifact_location=artifact_location(uri), run_id=run_id)
     if run_id is not None:  # Lightning applies tags only to runs it creates

@@ -3,8 +3,8 @@ file, its settings (model_config in MLmodel) and a Lightning checkpoint, and no 
 file and reads the checkpoint with `torch.load(weights_only=True)`. `capline serve` runs it only after every
 file of the model has matched the digests recorded in the registry (pipeline/tracking/registry.py).
 
-model_config: `family`; decoding as evaluation does it (`beam_size`, `alpha`, `sample_length`) and the
-language models' `temperature`; the request caps `max_records` and `max_image_pixels`.
+model_config: `family`; decoding as evaluation does it (`beam_size`, `alpha`, `no_repeat_ngram`,
+`sample_length`) and the language models' `temperature`; the request caps `max_records` and `max_image_pixels`.
 
 A bad request is answered 400 with a message naming each bad record and its problem ("record 2: 'image' is
 not valid base64"); anything else 500 with a generic message (the traceback goes to the server log only).
@@ -22,7 +22,8 @@ from mlflow.pyfunc import PythonModel
 
 log = logging.getLogger("capline.serve")
 
-CONFIG_KEYS = ("family", "beam_size", "alpha", "sample_length", "temperature", "max_records", "max_image_pixels")
+CONFIG_KEYS = ("family", "beam_size", "alpha", "no_repeat_ngram", "sample_length", "temperature", "max_records",
+               "max_image_pixels")
 INPUT_COLUMN = {"captioner": "image"}  # language models: "prompt"
 EXAMPLE = {"image": '{"dataframe_records": [{"image": "<base64 of an image file>"}]}',
            "prompt": '{"dataframe_records": [{"prompt": "The "}]}'}
@@ -105,7 +106,8 @@ class CaplineModel(PythonModel):
         values = list(frame[self.column])
         if self.column == "image":
             return inference.caption_bytes(self.module, values, int(self.config["beam_size"]),
-                                           float(self.config["alpha"]), int(self.config["max_image_pixels"]))
+                                           float(self.config["alpha"]), int(self.config["max_image_pixels"]),
+                                           no_repeat_ngram=int(self.config["no_repeat_ngram"]))
         bad = [inference.BadRecord(i, "no 'prompt'" if v is None or v != v  # None or NaN: the record lacks it
                                    else f"'prompt' must be text, not {type(v).__name__}")
                for i, v in enumerate(values) if not isinstance(v, str)]

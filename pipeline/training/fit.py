@@ -70,6 +70,17 @@ def pretrained_embeddings(p: Params, family: str) -> np.ndarray | None:
     return np.load(path)
 
 
+def run_params(p: Params, family: str) -> dict[str, Any]:
+    """What a run of `family` logs as MLflow params, once: the seed, its own model and train sections, the
+    shared train settings (and for a captioner the n-gram block its validation decodes with)."""
+    train = p.train.model_dump()
+    out: dict[str, Any] = {"seed": p.seed, "models": {family: getattr(p.models, family).model_dump()},
+                           "train": {**{k: v for k, v in train.items() if k not in FAMILIES}, family: train[family]}}
+    if family == "captioner":
+        out["evaluate"] = {"no_repeat_ngram": p.evaluate.no_repeat_ngram}
+    return out
+
+
 def build_datamodule(p: Params, family: str, vocab: Vocabulary, use_features: bool = True) -> pl.LightningDataModule:
     """The data module of a family over the prepared data (a captioner's on pre-extracted features if enabled;
     use_features=False for evaluation, which runs the checkpoint's own encoder on the raw images)."""
@@ -116,7 +127,8 @@ def build_module(p: Params, family: str, vocab: Vocabulary, dm: pl.LightningData
     train_cfg = getattr(p.train, family).model_dump()
     if family == "captioner":
         dm.setup("fit")
-        return CaptioningModule(model_cfg, train_cfg, vocab.tokens, dm.image_size, embeddings)
+        return CaptioningModule(model_cfg, train_cfg, vocab.tokens, dm.image_size, embeddings,
+                                p.evaluate.no_repeat_ngram)  # validation decodes as evaluation does
     return LanguageModelModule(family, model_cfg, train_cfg, vocab.tokens, embeddings)
 
 
@@ -133,8 +145,19 @@ def load_module(family: str, checkpoint: str | Path, device: str = "cpu") -> pl.
         raise FileNotFoundError(f"{checkpoint}: no checkpoint (train first: capline train {family})")
     checkpoint_step(checkpoint)  # a truncated or foreign file: an error naming it, not torch's zip message
     cls = CaptioningModule if family == "captioner" else LanguageModelModule
-    module = cls.load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
+    module = cls.load_from_checkpoint(checkpoint, map_location=device, weights_only=True,
+                                      embeddings=embedding_placeholder(checkpoint))
     return module.eval()
+
+
+def embedding_placeholder(checkpoint: Path) -> np.ndarray | None:
+    """Zeros (V, E) for a model trained from pretrained vectors: its own trained ones come from the state_dict."""
+    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    model = hparams.get("model", {})
+    if not model.get("pretrained_embeddings"):
+        return None
+    width = model.get("embed_size", model.get("d_model"))
+    return np.zeros((len(hparams["vocab_tokens"]), width), dtype=np.float32)
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -211,9 +234,11 @@ def build_trainer(p: Params, family: str, logger: Any = None, callbacks: list | 
         cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience))
     if logger:
         cbs.append(LearningRateMonitor(logging_interval="epoch"))
+    # a captioner's self-critical epochs come after its max_epochs of cross-entropy (a sweep trial's too)
+    epochs = cfg.max_epochs + (cfg.scst_epochs if family == "captioner" else 0)
     kwargs: dict[str, Any] = {
         "accelerator": p.train.accelerator, "devices": p.train.devices, "precision": precision(p),
-        "max_epochs": cfg.max_epochs, "limit_train_batches": cfg.epoch_fraction,
+        "max_epochs": epochs, "limit_train_batches": cfg.epoch_fraction,
         "gradient_clip_val": cfg.clip_grad_norm or None,
         "log_every_n_steps": p.train.log_every_n_steps, "callbacks": cbs, "logger": logger or False,
         "deterministic": False, "enable_model_summary": False, **overrides}
@@ -242,8 +267,7 @@ def train(p: Params, family: str, *, resume: bool | str | Path = False, logger: 
         mlf = tracking.lightning_logger(p.tracking.uri, p.tracking.experiment, run_name=f"train-{family}",
                                         tags={"family": family, "params_hash": tracking.params_hash(p.to_dict()),
                                               **tracking.lineage_tags(Path.cwd())})
-        mlf.log_hyperparams(tracking.flatten({"models": {family: getattr(p.models, family).model_dump()},
-                                              "train": p.train.model_dump(), "seed": p.seed}))
+        tracking.log_params_flat(mlf.run_id, run_params(p, family))
     if p.train.compile:
         module.model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
     trainer = build_trainer(p, family, logger=mlf, **trainer_overrides)

@@ -28,6 +28,7 @@ from pipeline.params import (
     TransformerLmParams,
 )
 from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.scst import CiderD, sample_with_logprobs, scst_loss
 
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -79,10 +80,14 @@ class _Optimised(pl.LightningModule):
 
 
 class CaptioningModule(_Optimised):
-    """Teacher-forced training of a captioner; validation decodes greedily and scores BLEU-4 and CIDEr."""
+    """Teacher-forced training of a captioner, then any scst_epochs of SCST; validation scores greedy BLEU-4, CIDEr.
+
+    no_repeat_ngram: evaluate.no_repeat_ngram, the n-gram block of validation's greedy decoding (so that val/cider
+    scores captions as evaluation makes them); 0 (off) for checkpoints saved before it existed.
+    """
 
     def __init__(self, model: dict[str, Any], train: dict[str, Any], vocab_tokens: list[str],
-                 image_size: int, embeddings: np.ndarray | None = None):
+                 image_size: int, embeddings: np.ndarray | None = None, no_repeat_ngram: int = 0):
         super().__init__()
         self.save_hyperparameters(ignore=["embeddings"])
         self.model_cfg = CaptionerParams.model_validate(model)
@@ -91,6 +96,7 @@ class CaptioningModule(_Optimised):
         self.vocab = Vocabulary(vocab_tokens)
         self.model = build_captioner(self.model_cfg, len(vocab_tokens), embeddings)
         self._val_hyps: dict[int, str] = {}
+        self._cider: CiderD | None = None  # built at the first self-critical step (training references)
 
     def param_groups(self) -> list[dict]:
         """Encoder parameters (when any are trainable) get their own learning rate."""
@@ -153,10 +159,46 @@ class CaptioningModule(_Optimised):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         memory = self.encode_batch(batch)
+        if self.self_critical():
+            return self._scst_loss(memory, batch["image_index"])
         prob = self.sampling_probability()
         loss = self._loss(memory, batch["captions"], "train", prob)
         self.log("train/sampling_prob", prob, batch_size=len(batch["captions"]))
         return loss
+
+    def self_critical(self) -> bool:
+        """Whether this epoch is self-critical: the scst_epochs come after max_epochs of cross-entropy.
+
+        A function of the epoch alone, so a resumed run is in the same phase as the one it continues.
+        """
+        return self.current_epoch >= self.train_cfg.max_epochs
+
+    def _scst_loss(self, memory: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """SCST (Rennie et al. 2017): a sampled caption per row, rewarded by its CIDEr-D minus the greedy one's.
+
+        Both are scored against every training reference of the row's image. No cross-entropy is computed in
+        these epochs, so train/loss is not logged; the objective is train/scst_loss.
+        """
+        if self._cider is None:  # document frequencies over all training references, counted once
+            self._cider = CiderD(self.trainer.datamodule.references("train"))
+        images, max_len = image_index.tolist(), self.model_cfg.max_len
+        sampled, logprob = sample_with_logprobs(self.model, memory, max_len)  # logprob (B,) with grad
+        # the model's own argmax, without validation's n-gram block: nearer the samples' rewards, so less variance
+        # (default data, 3 SCST epochs: best val/cider 2.82 and 2.83 in two runs, 2.70 with the block)
+        baseline = greedy(self.model, memory.detach(), len(images), max_len).tokens
+        reward = torch.tensor(self._cider.scores(self._texts(sampled), images), dtype=torch.float32,
+                              device=logprob.device)  # (B,)
+        base = torch.tensor(self._cider.scores(self._texts(baseline), images), dtype=torch.float32,
+                            device=logprob.device)  # (B,)
+        loss = scst_loss(logprob, reward, base)
+        n = len(images)
+        self.log("train/scst_loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/scst_reward", reward.mean(), prog_bar=True, batch_size=n)
+        self.log("train/scst_baseline", base.mean(), batch_size=n)
+        return loss
+
+    def _texts(self, captions: list[list[int]]) -> list[str]:
+        return [" ".join(self.vocab_tokens[t] for t in tokens) for tokens in captions]
 
     def on_validation_epoch_start(self) -> None:
         self._val_hyps = {}
@@ -165,7 +207,8 @@ class CaptioningModule(_Optimised):
         memory = self.encode_batch(batch)
         captions = self._reference_batch(batch["image_index"]).to(self.device)
         self._loss(memory, captions, "val")
-        result = greedy(self.model, memory, len(captions), self.model_cfg.max_len)
+        result = greedy(self.model, memory, len(captions), self.model_cfg.max_len,
+                        no_repeat_ngram=self.hparams["no_repeat_ngram"])
         for idx, tokens in zip(batch["image_index"].tolist(), result.tokens, strict=True):
             self._val_hyps[idx] = " ".join(self.vocab_tokens[t] for t in tokens)
 

@@ -54,7 +54,8 @@ def sweep_key(p: Params, family: str, lineage: dict[str, str]) -> str:
     """Hash of what a family's trials depend on: its params, the data params and the data's DVC hashes.
 
     Paths, tracking and evaluation settings and other families are left out: they do not change what a
-    trial computes. A rerun with the same key resumes (or reuses) the same Ray experiment.
+    trial computes, except evaluate.no_repeat_ngram for the captioner (its val/cider decoding blocks repeats).
+    A rerun with the same key resumes (or reuses) the same Ray experiment.
     """
     d = p.to_dict()
     skip = ("paths", "tracking", "evaluate", "models", "train", "sweep", "report", "features")
@@ -63,8 +64,9 @@ def sweep_key(p: Params, family: str, lineage: dict[str, str]) -> str:
     key["train"] = {k: v for k, v in d["train"].items() if k not in FAMILIES or k == family}
     key["sweep"] = d["sweep"][family]
     data = ["coco", "text", "vocab", "encoded", "embeddings"]
-    if family == "captioner":  # only captioner trials read pre-extracted features
+    if family == "captioner":  # only captioner trials read pre-extracted features and decode captions
         key["features"], data = d["features"], [*data, "features"]
+        key["no_repeat_ngram"] = d["evaluate"]["no_repeat_ngram"]
     key["lineage"] = tracking.dvc_hashes_under(lineage, [d["paths"][k] for k in data])
     return tracking.params_hash(key)
 

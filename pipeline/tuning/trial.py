@@ -101,7 +101,7 @@ def open_child(ctx: TrialContext, trial_id: str, p: Params) -> str:
             "ray.trial_id": trial_id, "params_hash": tracking.params_hash(p.to_dict()), "seed": p.seed,
             "node_id": ray.get_runtime_context().get_node_id()}
     run_id = tracking.create_run(ctx.uri, ctx.experiment, f"trial-{trial_id}", tags, ctx.parent_run_id)
-    tracking.log_params_flat(run_id, p.to_dict())
+    tracking.log_params_flat(run_id, fit.run_params(p, ctx.family))  # the searched keys are among them
     return run_id
 
 

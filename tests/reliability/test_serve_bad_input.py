@@ -111,7 +111,9 @@ def test_the_server_goes_on_answering_good_requests_as_evaluation_decodes(server
     url, good, module, p = server
     small = png(300, 300)  # 90,000 pixels: under the cap
     body = post(url, records(b64(good), b64(small), b64(good)))
-    assert body == {"predictions": caption_bytes(module, [good, small, good], p.evaluate.beam_size, p.evaluate.alpha)}
+    e = p.evaluate
+    expected = caption_bytes(module, [good, small, good], e.beam_size, e.alpha, no_repeat_ngram=e.no_repeat_ngram)
+    assert body == {"predictions": expected}
     assert answer(url, {"dataframe_records": []}) == (200, {"predictions": []})
 
 
@@ -141,5 +143,6 @@ def test_a_body_over_the_byte_cap_is_a_413_before_it_is_parsed_whether_declared_
     assert reply.status == 413 and "serve.max_request_bytes" in json.loads(reply.read())["message"]
     conn.close()
     _, _, module, p = server
-    expected = caption_bytes(module, [good], p.evaluate.beam_size, p.evaluate.alpha)
+    expected = caption_bytes(module, [good], p.evaluate.beam_size, p.evaluate.alpha,
+                             no_repeat_ngram=p.evaluate.no_repeat_ngram)
     assert post(url, records(b64(good))) == {"predictions": expected}  # the server goes on

@@ -49,7 +49,8 @@ def test_captioned_test_images_match_the_models_beam_search_on_the_image_files(b
     records = read_captions(Path(p.paths.coco) / "test" / "captions.jsonl")[: p.report.test_images]
     files = [Path(p.data.coco.images) / rec["file_name"] for rec in records]
     module = load_module("captioner", checkpoint_path(p, "captioner"))
-    expected = caption_images(module, files, p.evaluate.beam_size, p.evaluate.alpha)
+    expected = caption_images(module, files, p.evaluate.beam_size, p.evaluate.alpha,
+                              no_repeat_ngram=p.evaluate.no_repeat_ngram)
     generated = [html.unescape(g) for g in re.findall(r"<strong>generated:</strong> (.*?)</p>", part)]
     assert generated == [c.text for c in expected]
     for rec in records:

@@ -37,6 +37,9 @@ def test_train_applies_the_sweeps_best_config_and_evaluate_plots_the_curve(prepa
 
     result = evaluate_stage.run(p, "lstm_lm")
     assert result["bits_per_char"] > 0
+    params = tracking.get_run(p.tracking.uri, metrics["run_id"])["params"]
+    assert params["models.lstm_lm.cell"] == "gru" and params["train.lstm_lm.lr"] == "0.0071"
+    assert not [k for k in params if k.startswith(("model/", "train/", "vocab", "train.captioner", "models.captioner"))]
     logged = tracking.get_run(p.tracking.uri, metrics["run_id"])["metrics"]  # beside the training curves
     assert result["run_id"] == metrics["run_id"] and logged["test/bits_per_char"] == result["bits_per_char"]
     elsewhere = tmp_path / "copy.ckpt"  # a checkpoint the train stage did not write has no run to add to

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from pipeline.training.callbacks import NonFiniteLossError
-from pipeline.training.fit import FAMILIES, load_module, train
+from pipeline.training.fit import FAMILIES, load_module, train, vocabulary
 from tests.conftest import params_under
 
 
@@ -51,6 +52,24 @@ def test_train_writes_a_checkpoint_that_loads_weights_only(family, prepared_para
     ckpt = torch.load(result.last_checkpoint, weights_only=True)
     assert {"optimizer_states", "lr_schedulers", "callbacks"} <= set(ckpt)
 
+
+
+@pytest.mark.parametrize(("family", "width_key"), [("captioner", "embed_size"), ("transformer_lm", "d_model")])
+def test_a_model_trained_from_pretrained_vectors_loads_with_its_own_trained_ones(family, width_key, prepared_params,
+                                                                                 tmp_path):
+    p = params_under(prepared_params, tmp_path, **{f"models.{family}.pretrained_embeddings": True,
+                                                   "paths.embeddings": str(tmp_path / "vectors"),
+                                                   **({"models.transformer_lm.level": "word"}
+                                                      if family != "captioner" else {})})
+    width = getattr(getattr(p.models, family), width_key)
+    words = len(vocabulary(p, family))
+    Path(p.paths.embeddings).mkdir(parents=True)
+    np.save(Path(p.paths.embeddings) / "words.npy", np.random.default_rng(0).normal(size=(words, width)))
+    result = train(p, family, logger=False)
+    module = load_module(family, result.best_checkpoint)  # no embeddings stage output needed to load it
+    trained = torch.load(result.best_checkpoint, weights_only=True)["state_dict"]
+    for name, tensor in module.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name])
 
 
 class WorseEveryEpoch(pl.Callback):
