@@ -398,3 +398,16 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ra
         assert tracking.metric_history(uri, run_id, "val/loss") == before[trial_id]
     assert len(tracking.child_runs(uri, exp, result.parent_run_id)) == 3
     assert not tracking.find_runs(uri, exp, "attributes.status = 'RUNNING'")
+
+
+@pytest.mark.parametrize(("overrides", "epochs"), [
+    ({}, 3), ({"train.captioner.scst_epochs": 2}, 5),
+    ({"train.captioner.scst_epochs": 2, "sweep.captioner.space": {"train.captioner.scst_epochs": {"randint": [0, 5]}}},
+     7)])
+def test_asha_lets_a_captioner_trial_reach_its_self_critical_epochs(overrides, epochs) -> None:
+    from pipeline.tuning.sweep import trial_epochs
+    from pipeline.tuning.trial import TrialContext
+
+    base = load_params(ROOT / "params.yaml", {"sweep.captioner.max_epochs": 3, **overrides}).to_dict()
+    ctx = TrialContext("captioner", base, "", "", "", "", "", "", {}, 1, False, 1.0, 0.0, 3, 1.0)
+    assert trial_epochs(ctx) == epochs  # 3 of cross-entropy, then the most scst_epochs a trial can have

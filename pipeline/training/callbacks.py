@@ -87,13 +87,15 @@ class EpochHistory(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
+        self_critical = getattr(pl_module, "self_critical", None)
+        if loss is not None and not (self_critical and self_critical()):  # a REINFORCE loss is no cross-entropy
             self._losses.append(float(loss))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning validates before this hook, so the epoch's validation metrics are in callback_metrics
-        row = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step),
-               "train_loss": sum(self._losses) / max(1, len(self._losses))}
+        row = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step)}
+        if self._losses:  # none in self-critical epochs
+            row["train_loss"] = sum(self._losses) / len(self._losses)
         for key in ("val/loss", self.monitor):
             if key in trainer.callback_metrics:
                 row[key.replace("/", "_")] = float(trainer.callback_metrics[key])

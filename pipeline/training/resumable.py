@@ -115,10 +115,11 @@ class ResumableDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if (state := state_dict.get("train_loader")) is None:
             return
+        # also pending: a loader built before fit (e.g. to check epoch_fraction) is not the one Lightning
+        # builds and iterates after restoring the checkpoint; that next one must start at the saved batch too
+        self._pending = dict(state)
         if self._train_loader is not None:
             self._train_loader.load_state_dict(state)
-        else:
-            self._pending = dict(state)
 
 
 def eval_generator() -> torch.Generator:

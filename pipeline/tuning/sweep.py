@@ -17,7 +17,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipeline import tracking
-from pipeline.params import Params, SweepFamilyParams, apply_overrides, validate_params
+from pipeline.params import Params, SweepFamilyParams, apply_overrides, domain_values, validate_params
 from pipeline.training.fit import FAMILIES, MONITOR, build_datamodule, check_epoch_fraction, vocabulary
 from pipeline.tuning import records, state
 from pipeline.tuning.results import SweepResult, metric_figure, summarise
@@ -184,12 +184,23 @@ def _trainable(ctx: TrialContext) -> Any:
     return tune.with_resources(tune.with_parameters(fn, ctx=ctx), resources)
 
 
+def trial_epochs(ctx: TrialContext) -> int:
+    """The most epochs a trial runs: the sweep's max_epochs, then a captioner's self-critical epochs (the most
+    its search space can give), which ASHA must let it reach."""
+    if ctx.family != "captioner":
+        return ctx.max_epochs
+    spec = ctx.base["sweep"]["captioner"]["space"].get("train.captioner.scst_epochs")
+    scst = ctx.base["train"]["captioner"]["scst_epochs"] if spec is None else \
+        max(domain_values(*next(iter(spec.items()))))
+    return ctx.max_epochs + int(scst)
+
+
 def _tuner(ctx: TrialContext, s: SweepFamilyParams, path: str, seed: int) -> tune.Tuner:
     """A fresh Tuner at `path` (storage/name): seeded random search, ASHA on the monitor, a report per epoch."""
     storage, name = path.rsplit("/", 1)
     monitor, mode = MONITOR[ctx.family]
     key = metric_key(monitor)
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=s.max_epochs, grace_period=s.grace_period,
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=trial_epochs(ctx), grace_period=s.grace_period,
                               reduction_factor=s.reduction_factor)
     tune_config = tune.TuneConfig(metric=key, mode=mode, num_samples=s.num_samples, scheduler=scheduler,
                                   # Tune ignores max_concurrent_trials with a generator: it takes the limit itself
@@ -307,7 +318,7 @@ def _result(ctx: TrialContext, s: SweepFamilyParams, path: str, seed: int, grid:
     monitor, mode = MONITOR[ctx.family]
     trials = records.trial_records(grid, ctx, metric_key(monitor), mode, seed)
     return summarise(ctx.family, monitor, mode, trials, experiment_path=path, parent_run_id=ctx.parent_run_id,
-                     wall_seconds=time.time() - started, epochs_budget=s.num_samples * s.max_epochs)
+                     wall_seconds=time.time() - started, epochs_budget=s.num_samples * trial_epochs(ctx))
 
 
 def log_summary(result: SweepResult, space: dict[str, dict]) -> None:

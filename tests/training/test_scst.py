@@ -15,7 +15,7 @@ from pipeline.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from pipeline.decoding import greedy
 from pipeline.models.captioners import build_captioner
 from pipeline.params import ParamsError, load_params
-from pipeline.training.fit import train
+from pipeline.training.fit import learning_curve, train
 from pipeline.training.optim import lr_factor
 from pipeline.training.scst import CiderD, sample_with_logprobs, scst_loss
 from tests.conftest import ROOT, TINY, params_under, tiny_overrides
@@ -126,14 +126,11 @@ def test_scst_epochs_follow_the_cross_entropy_epochs_and_log_their_own_metrics(p
     assert lrs[-1][1] == pytest.approx(p.train.captioner.scst_lr)
     assert len(steps("val/cider")) == 3  # validation as before, every epoch
     assert tracking.get_run(uri, result.run_id)["params"]["train.captioner.scst_epochs"] == "1"
+    curve = learning_curve(result.last_checkpoint)  # the curve's train_loss is cross-entropy only
+    assert ["train_loss" in row for row in curve] == [True, True, False]
 
 
-@pytest.mark.parametrize("saved", [
-    "epoch_end",
-    pytest.param("mid_epoch", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "a mid-epoch captioner resume replays the epoch's first batches: the data module hands the saved position "
-        "to the loader check_epoch_fraction built before fit, not to the one Lightning iterates"))),
-])
+@pytest.mark.parametrize("saved", ["epoch_end", "mid_epoch"])  # mid_epoch: the loader Lightning builds resumes
 def test_resume_across_the_cross_entropy_to_scst_boundary_continues_exactly(saved, prepared_params, tmp_path):
     epochs = {"train.captioner.max_epochs": 2, "train.captioner.scst_epochs": 1}
     full = LossRecorder()
@@ -154,15 +151,15 @@ def test_resume_across_the_cross_entropy_to_scst_boundary_continues_exactly(save
 
 # ---- SCST raises CIDEr-D on the training images ------------------------------------------------------------------
 # The tiny shared data (16 images, a 32-unit decoder) gives SCST nothing to work with: its greedy captions are near the
-# references' consensus and its samples far worse, so nearly every advantage is negative, and the greedy CIDEr-D fell in
-# every configuration tried. 40 images of three shapes and the default-sized decoder leave room: fluent samples, and
+# references' consensus and its samples far worse, so nearly every advantage is negative, and its greedy CIDEr-D fell in
+# the configurations tried. 40 images of three shapes and the default-sized decoder leave room: fluent samples, and
 # greedy captions that are not yet the best.
 SCST_DATA = {"sample.images": 48, "sample.min_shapes": 3, "sample.max_shapes": 3, "prepare_coco.split.val": 4,
              "prepare_coco.split.test": 4}
 SCST_RUN = {**SCST_DATA, "models.captioner.hidden_size": 256, "models.captioner.embed_size": 64,
             "models.captioner.attention_size": 128, "train.captioner.batch_size": 16,
             "train.captioner.max_epochs": 8, "train.captioner.scst_epochs": 6, "train.captioner.scst_lr": 5e-5,
-            "train.captioner.early_stopping_patience": 0, "seed": int(__import__("os").environ.get("SEED", 1337))}
+            "train.captioner.early_stopping_patience": 0}
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +214,7 @@ def test_scst_raises_the_cider_d_of_the_models_captions_on_the_training_images(t
     (greedy_before, sampled_before), (greedy_after, sampled_after) = probe.scores["before"], probe.scores["after"]
     print(f"train CIDEr-D before/after SCST: sampled {sampled_before:.3f} -> {sampled_after:.3f}, "
           f"greedy {greedy_before:.3f} -> {greedy_after:.3f}")
-    # what SCST maximises, the expected CIDEr-D of the model's captions: +13% to +30% over 9 seeds
-    assert sampled_after > 1.05 * sampled_before
-    # the greedy caption's rose in 6 of those 9 seeds (mean +0.09) and fell by at most 4%: SCST must not wreck it
-    assert greedy_after > 0.9 * greedy_before
+    # over 9 seeds: what SCST maximises, the expected CIDEr-D of the model's captions, rose 16% to 35%, and that of
+    # the greedy captions validation makes rose in every one, by 0.02 to 0.24 (this seed: 2.53 -> 2.77)
+    assert sampled_after > 1.1 * sampled_before
+    assert greedy_after > greedy_before
