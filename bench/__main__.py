@@ -1,7 +1,8 @@
 """`python -m bench [CASE ...]`: run benchmark cases, write bench/results/<machine>.json (+ .md), print a table.
 
-Cases needing CUDA are skipped without it; `repro` runs only when named (or with `all`). Each case's record
-replaces the one of the same name in the machine's results file; the others are kept with their dates.
+Cases needing CUDA are skipped without it; `repro` and `anchors` run only when named (or with `all`). Each
+case's record replaces the one of the same name in the machine's results file; the others are kept with their
+dates.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench import beam, features, loading, prepare, ray_overhead, recipes, repro, training  # noqa: F401  (cases)
+from bench import anchors, beam, features, loading, prepare, ray_overhead, recipes, repro, training  # noqa: F401
 from bench.common import (
     CASES,
     RESULTS_DIR,
@@ -39,7 +40,7 @@ from pipeline.io import read_json
 from pipeline.params import parse_assignments
 
 log = logging.getLogger("bench")
-ORDER = ("prepare", "training", "loading", "beam", "ray", "char_transformer", "char_lstm", "repro")  # the issue's
+ORDER = ("prepare", "training", "loading", "beam", "ray", "char_transformer", "char_lstm", "repro", "anchors")
 
 
 def ordered() -> list[str]:
