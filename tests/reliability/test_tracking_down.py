@@ -159,7 +159,8 @@ def test_a_server_lost_mid_run_stops_the_run_and_keeps_the_checkpoint(prepared_p
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     p = params_under(prepared_params, tmp_path, **{"tracking.uri": uri, f"train.{FAMILY}.max_epochs": 2})
-    with pytest.raises(MlflowException, match=f"API request to {uri}/.* Connection refused"):
+    # a new connection is refused; a kept-alive one the kill cut is reset: both say the server is gone
+    with pytest.raises(MlflowException, match=f"API request to {uri}/.*(Connection refused|Connection reset by peer)"):
         train(p, FAMILY, callbacks=[KillServer(proc)])
     last = checkpoint_path(p, FAMILY, "last")
     per_epoch = checkpoint_step(last)  # epoch 0's checkpoint is whole
