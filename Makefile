@@ -6,15 +6,20 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) .dvc/plots_page.html
 
 # torch/torchvision are asked for exactly: these builds lie on local disk; a looser spec downloads GBs.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,pretrained,s3]"
 	touch $(STAMP)
+
+# The page `dvc plots show` fills (.dvc/config: plots.html_template), with Vega, Vega-Lite and vega-embed
+# inlined from the vl-convert-python package: the plots draw offline, nothing is fetched when shown.
+.dvc/plots_page.html: $(STAMP) pipeline/plots_page.py
+	$(BIN)/python -m pipeline.plots_page
 
 # The whole DAG on the embedded default data: data stages, sweeps, final models, evaluation, report.
 demo: setup

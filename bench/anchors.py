@@ -12,8 +12,8 @@ environment, and torch.set_num_threads for the references, runtime.threads for c
   own closed-vocabulary rule, so both vocabularies are the training words). Reported: test perplexity.
 - char level: nanoGPT's CPU recipe from its README (DIR/nanoGPT, shakespeare_char: 4 layers x 128, 4 heads,
   context 64, batch 12, 2000 iterations) and capline's `transformer_lm` at the same size, optimizer, schedule
-  shape and steps, on the same 90%/10% character split of tiny Shakespeare. Reported: validation loss (nats/char)
-  and wall time.
+  and steps, on the same 90%/10% character split of tiny Shakespeare, for each of `--seeds` (capline's; nanoGPT's
+  is fixed), as it is and without biases. Reported: validation loss (nats/char) and wall time.
 
 The references' code is read from DIR (extracted from the fetched repositories, git-ignored, never committed) and
 run from a scratch copy, unmodified; the only change to their set-up is nanoGPT's input.txt, copied from
@@ -168,7 +168,8 @@ def capline_word_stream(root: Path, split: str) -> list[str]:
     """capline's encoded word stream of a split as tokens, <end> written as the reference's <eos>."""
     import numpy as np
 
-    from pipeline.data.vocab import END, Vocabulary
+    from pipeline.data.vocab import Vocabulary
+    from pipeline.tokens import END
 
     tokens = Vocabulary.load(root / "vocab" / "words.json").tokens
     ids = np.load(root / "encoded" / f"text_{split}_word.npy")
@@ -179,7 +180,8 @@ def vocabularies(root: Path, train_lines: list[str]) -> dict[str, Any]:
     """The two word vocabularies (the reference's: every training word and <eos>) and how they differ; and what
     capline's own prepare_text route (NLTK words, lower-cased, blank lines dropped, min_freq 3, max 10,000) gives."""
     from pipeline.data.text import word_lines
-    from pipeline.data.vocab import END, SPECIALS, UNK, Vocabulary
+    from pipeline.data.vocab import Vocabulary
+    from pipeline.tokens import END, SPECIALS, UNK
 
     ref = set(reference_stream(train_lines))
     ours = set(Vocabulary.load(root / "vocab" / "words.json").tokens)
@@ -372,11 +374,12 @@ def word_level(anchors: Path, scratch: Path, threads: int, quick: bool, epochs: 
 
 
 def transformer_overrides(cfg: dict[str, Any], train_chars: int) -> dict[str, Any]:
-    """capline's transformer_lm at nanoGPT's size, optimizer, schedule shape and number of updates.
+    """capline's transformer_lm at nanoGPT's size, optimizer, schedule and number of updates.
 
     capline counts epochs of non-overlapping context windows: the run is the fewest epochs that share the
-    updates evenly, each cut to that many batches by epoch_fraction. The cosine decays to 0 (nanoGPT: to
-    min_lr = lr/10); the warm-up is nanoGPT's warmup_iters as a fraction of the updates.
+    updates evenly, each cut to that many batches by epoch_fraction. The cosine decays to nanoGPT's min_lr
+    (min_lr_fraction = min_lr / lr); the warm-up is nanoGPT's warmup_iters as a fraction of the updates. The rest
+    of the model (learned positions, biases) and which weights decay are capline's defaults.
     """
     steps, t, batch = cfg["max_iters"], cfg["block_size"], cfg["batch_size"]
     batches = math.ceil(math.ceil((train_chars - 1) / t) / batch)  # TokenWindows, then batches of `batch`
@@ -391,11 +394,17 @@ def transformer_overrides(cfg: dict[str, Any], train_chars: int) -> dict[str, An
             train + "warmup_fraction": min(0.5, NANOGPT_FIXED["warmup_iters"] / steps), train + "max_epochs": epochs,
             train + "epoch_fraction": round(fraction, 6), train + "batch_size": batch,
             train + "clip_grad_norm": NANOGPT_FIXED["grad_clip"], train + "early_stopping_patience": 0,
-            train + "label_smoothing": 0.0}
+            train + "label_smoothing": 0.0,
+            train + "min_lr_fraction": NANOGPT_FIXED["min_lr"] / NANOGPT_FIXED["learning_rate"]}
 
 
-def char_level(anchors: Path, scratch: Path, threads: int, quick: bool) -> dict[str, Any]:
-    """nanoGPT's shakespeare_char CPU recipe and capline's transformer_lm at the same size and steps."""
+def char_level(anchors: Path, scratch: Path, threads: int, quick: bool,
+               seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """nanoGPT's shakespeare_char CPU recipe and capline's transformer_lm at the same size and steps.
+
+    capline runs once per seed (default: params.yaml's), as it is and with bias false (nanoGPT's recipe has no
+    biases: the same parameter count exactly). nanoGPT's seed is fixed in its train.py (1337).
+    """
     source = shakespeare()
     if source is None:
         raise FileNotFoundError("tinyshakespeare.txt not in ../shared/data/text or data/text")
@@ -423,11 +432,26 @@ def char_level(anchors: Path, scratch: Path, threads: int, quick: bool) -> dict[
     root = scratch / "capline-char"
     base = prepare_capline(root, {**split, "test": split["val"]}, threads)  # capline wants a test split: val again
     overrides = {**base, **transformer_overrides(cfg, len(split["train"]))}
-    ours = capline_run("transformer_lm", overrides, root, "capline", threads, False)
-    ours["val_loss"] = ours["epochs"][-1].get("val/loss") if ours["epochs"] else None
+    runs = []
+    for seed in seeds or (None,):  # None: params.yaml's seed
+        for bias in (None, False):  # None: params.yaml's models.transformer_lm.bias
+            sets = {**overrides, **({} if seed is None else {"seed": seed}),
+                    **({} if bias is None else {"models.transformer_lm.bias": bias})}
+            label = "capline" + ("" if bias is None else "-no-bias") + ("" if seed is None else f"-seed{seed}")
+            run = capline_run("transformer_lm", sets, root, label, threads, False)
+            run.update(seed=seed, bias=bias, val_loss=run["epochs"][-1].get("val/loss") if run["epochs"] else None)
+            runs.append(run)
+    default, no_bias = ([r for r in runs if r["bias"] is b] for b in (None, False))
     return {"config": {**cfg, **NANOGPT_FIXED, **extra}, "train_chars": len(split["train"]),
             "val_chars": len(split["val"]), "text_is_normalised": normalise_text(text) == text,
-            "reference": reference, "capline": ours}
+            "reference": reference, "capline": default[0], "capline_no_bias": no_bias[0], "capline_runs": runs,
+            "capline_mean_val_loss": _mean(r["val_loss"] for r in default),
+            "capline_no_bias_mean_val_loss": _mean(r["val_loss"] for r in no_bias)}
+
+
+def _mean(values: Any) -> float | None:
+    values = list(values)
+    return None if not values or None in values else sum(values) / len(values)
 
 
 # ---- report --------------------------------------------------------------------------------------------------
@@ -462,13 +486,22 @@ def tables(result: dict[str, Any]) -> str:
         lines.append(f"| nanoGPT | {ref['steps']:,} | {_f(ref['val_loss'], 4)} (20 random batches) "
                      f"| {_f(ref.get('val_loss_full'), 4)} (checkpoint of step {ref.get('iter')}) "
                      f"| {_f(ref['loop_seconds'])} | {_f(ref['wall_seconds'])} |")
-        lines.append(f"| capline transformer_lm | {ours['steps']:,} | {_f(ours['val_loss'], 4)} "
-                     f"| {_f(ours['val_loss'], 4)} | {_f(ours['loop_seconds'])} | {_f(ours['wall_seconds'])} |")
+        for r in c.get("capline_runs", [ours]):
+            name = "capline transformer_lm" + (", bias false" if r.get("bias") is False else "") + (
+                f", seed {r['seed']}" if r.get("seed") is not None else "")
+            lines.append(f"| {name} | {r['steps']:,} | {_f(r['val_loss'], 4)} "
+                         f"| {_f(r['val_loss'], 4)} | {_f(r['loop_seconds'])} | {_f(r['wall_seconds'])} |")
+        seeds = {r.get("seed") for r in c.get("capline_runs", [])}
+        if len(seeds) > 1:
+            for name, key in (("", "capline_mean_val_loss"), (", bias false", "capline_no_bias_mean_val_loss")):
+                lines.append(f"| capline transformer_lm{name}, mean of {len(seeds)} seeds | | "
+                             f"{_f(c[key], 4)} | {_f(c[key], 4)} | | |")
     return "\n".join(lines) + "\n"
 
 
 def side_by_side(anchors: Path, threads: int = 1, quick: bool = False, levels: tuple[str, ...] = ("word", "char"),
-                 scratch: Path | None = None, word_epochs: int | None = None) -> dict[str, Any]:
+                 scratch: Path | None = None, word_epochs: int | None = None,
+                 seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Both comparisons, back to back; the machine and its load average before and after."""
     scratch = scratch or Path(tempfile.mkdtemp(prefix="capline-anchors-"))
     result: dict[str, Any] = {"date": now(), "threads": threads, "quick": quick, "anchors": str(anchors),
@@ -476,7 +509,7 @@ def side_by_side(anchors: Path, threads: int = 1, quick: bool = False, levels: t
     if "word" in levels:
         result["word"] = word_level(anchors, scratch, threads, quick, word_epochs)
     if "char" in levels:
-        result["char"] = char_level(anchors, scratch, threads, quick)
+        result["char"] = char_level(anchors, scratch, threads, quick, seeds)
     result["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     return result
 
@@ -493,13 +526,19 @@ def figures(result: dict[str, Any]) -> list[Figure]:
             out.append(Figure.check(f"word: capline {r['label']} test perplexity", r["test_ppl"], "ppl", "<=",
                                     ref or math.inf, note=f"{r['steps']} updates"))
     if "char" in result:
-        ref, ours = result["char"]["reference"], result["char"]["capline"]
+        c = result["char"]
+        ref, ours = c["reference"], c["capline"]
+        seeds = len({r.get("seed") for r in c.get("capline_runs", [ours])})
         out += [Figure("char: nanoGPT val loss (every val window)", ref.get("val_loss_full"), "nats",
                        note=f"own 20-batch estimate {ref['val_loss']}"),
-                Figure.check("char: capline val loss", ours["val_loss"], "nats", "<=",
-                             ref.get("val_loss_full") or math.inf),
+                Figure.check("char: capline val loss", c.get("capline_mean_val_loss", ours["val_loss"]), "nats", "<=",
+                             ref.get("val_loss_full") or math.inf, note=f"mean of {seeds} seeds" if seeds > 1 else ""),
                 Figure("char: nanoGPT wall from launch", ref["wall_seconds"], "s"),
                 Figure.check("char: capline wall from launch", ours["wall_seconds"], "s", "<=", ref["wall_seconds"])]
+        if "capline_no_bias" in c:
+            out.append(Figure.check("char: capline bias false val loss",
+                                    c.get("capline_no_bias_mean_val_loss", c["capline_no_bias"]["val_loss"]), "nats",
+                                    "<=", ref.get("val_loss_full") or math.inf))
     return out
 
 
@@ -517,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of every side (default 1)")
     parser.add_argument("--only", choices=("word", "char"), help="run one comparison only")
     parser.add_argument("--word-epochs", type=int, default=None, help=f"epochs of both word runs ({WORD['epochs']})")
+    parser.add_argument("--seeds", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+                        help="char level: capline's seeds, comma-separated (default: params.yaml's seed); the check "
+                             "uses their mean val loss (nanoGPT's seed is fixed)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and data: checks the plumbing only")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default bench/results/anchors; --quick: bench/results/quick/anchors)")
@@ -527,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="capline-anchors-"))
     try:
         result = side_by_side(args.anchors.resolve(), args.threads, args.quick,
-                              (args.only,) if args.only else ("word", "char"), scratch, args.word_epochs)
+                              (args.only,) if args.only else ("word", "char"), scratch, args.word_epochs, args.seeds)
     finally:
         if not args.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)

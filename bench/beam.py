@@ -18,8 +18,9 @@ from bench.common import Context, Figure, case
 from bench.workspace import prepared
 from pipeline.decoding import beam_search
 from pipeline.params import apply_overrides, validate_params
+from pipeline.training.checkpoints import load_module
 from pipeline.training.datamodules import CaptionDataModule
-from pipeline.training.fit import build_datamodule, build_module, load_module, train, vocabulary
+from pipeline.training.fit import build_datamodule, build_module, train, vocabulary
 from pipeline.training.modules import CaptioningModule
 
 BATCH, WIDTH = 64, 5

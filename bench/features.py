@@ -16,8 +16,8 @@ from bench.common import Context, Figure, case
 from bench.flops import counted_flops
 from bench.training import Batch, Workload, captioner_workload, measure
 from bench.workspace import prepared
-from pipeline.data.features import extract_features
 from pipeline.training.datasets import LazyArray
+from pipeline.training.features import extract_features
 from pipeline.training.fit import vocabulary
 
 FROZEN = {"encoder": "efficientnet_lite0", "freeze_encoder": True, "finetune_blocks": 0}

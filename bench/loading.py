@@ -15,9 +15,10 @@ import torch
 from bench.common import Context, Figure, Timing, case
 from bench.training import Workload, captioner_workload, lm_workload, step_fn
 from bench.workspace import prepared
+from pipeline.families import FAMILIES
 from pipeline.params import Params, apply_overrides, validate_params
 from pipeline.training.datamodules import CaptionDataModule
-from pipeline.training.fit import FAMILIES, build_datamodule, vocabulary
+from pipeline.training.fit import build_datamodule, caption_max_len, vocabulary
 
 GPU_BATCH = {"captioner": 256, "lstm_lm": 256, "transformer_lm": 64}  # what a GPU run would use
 LOADER_BATCHES = 40  # per timed pass (fewer if an epoch is shorter)
@@ -119,7 +120,7 @@ def _batchings(ctx: Context, p: Params) -> list[Figure]:
     steps = 1 if ctx.quick else 10
     figures, rates = [], {}
     for label, how in BATCHINGS.items():
-        dm = CaptionDataModule(p.paths.coco, vocab, c.batch_size, p.models.captioner.max_len,
+        dm = CaptionDataModule(p.paths.coco, vocab, c.batch_size, caption_max_len(p),
                                p.train.num_workers, p.seed, **how)
         pad, width = padding(dm)
         batches = [to_device(b, ctx.device) for b in itertools.islice(iter(dm.train_dataloader()), steps)]

@@ -59,7 +59,7 @@ def _data(path: Path, cfg: dict[str, Any], device: Any) -> tuple[Any, Any, int]:
     """(train ids, validation ids, vocabulary size): characters of the whole file, slices by fraction."""
     import torch
 
-    from pipeline.data.vocab import SPECIALS
+    from pipeline.tokens import SPECIALS
 
     text = path.read_text(encoding="utf-8")
     chars = sorted(set(text))

@@ -20,10 +20,10 @@ from torch import Tensor, nn
 from bench.common import Context, Figure, case, machine
 from bench.flops import counted_flops, lm_flops_per_token, mfu
 from bench.workspace import prepared
-from pipeline.data.vocab import SPECIALS, START_ID
 from pipeline.models.captioners import ShowAttendTell
 from pipeline.models.encoders import HALF, ImageEncoder
 from pipeline.params import Params
+from pipeline.tokens import SPECIALS, START_ID
 from pipeline.training.modules import CaptioningModule, sequence_loss
 from pipeline.training.optim import build_optimizer
 
@@ -72,7 +72,7 @@ def lm_workload(p: Params, family: str, vocab: int, batch: int, **model: Any) ->
 
 def captioner_workload(p: Params, arch: str, vocab: int, image_size: int, batch: int, **model: Any) -> Workload:
     """A captioner (CaptioningModule: teacher forcing, its loss and regulariser) on random images and captions."""
-    cfg = p.models.captioner.model_copy(update={"arch": arch, **model})
+    cfg = p.models.captioner.model_copy(update={"arch": arch, "max_len": 20, **model})  # random 20-token captions
     module = CaptioningModule(cfg.model_dump(), p.train.captioner.model_dump(), tokens_of(vocab), image_size)
     t = cfg.max_len
 

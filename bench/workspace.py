@@ -15,7 +15,7 @@ from pipeline.params import Params, load_params
 log = logging.getLogger(__name__)
 
 PATH_KEYS = ("sample", "coco", "text", "vocab", "encoded", "embeddings", "models", "sweeps", "ray_storage",
-             "metrics")
+             "metrics", "evaluation")
 
 # --quick: seconds instead of minutes, for checking the plumbing (figures from it mean nothing).
 QUICK: dict[str, Any] = {

@@ -11,9 +11,13 @@ from typing import Annotated
 
 import typer
 import yaml
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 from typer.core import TyperGroup
 
 from pipeline.errors import DEBUG_ENV, VERBOSE_ENV, debug_requested, run_entry
+from pipeline.families import FAMILIES, LANGUAGE_MODELS
 from pipeline.params import DEFAULT_PATH, load_params
 from pipeline.quiet import quiet
 from pipeline.redact import redact
@@ -51,15 +55,9 @@ class Stage(StrEnum):
     features = "features"
 
 
-class Family(StrEnum):
-    captioner = "captioner"
-    lstm_lm = "lstm_lm"
-    transformer_lm = "transformer_lm"
-
-
-class LanguageModel(StrEnum):
-    lstm_lm = "lstm_lm"
-    transformer_lm = "transformer_lm"
+Family = StrEnum("Family", {name: name for name in FAMILIES})  # the choices come from the family registry
+LanguageModel = StrEnum("LanguageModel", {name: name for name in LANGUAGE_MODELS})
+CAPTIONER = Family("captioner")  # what `capline serve` serves unless told otherwise
 
 
 class Dataset(StrEnum):
@@ -141,11 +139,7 @@ def sweep(family: Annotated[Family, typer.Argument(help="Model family to tune.")
 def runs(family: Annotated[Family | None, typer.Argument(help="Only this family's latest sweep.")] = None,
          params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None) -> None:
     """Table of the latest sweep's trials, from MLflow (open `mlflow ui` for the full picture)."""
-    from rich.console import Console
-    from rich.table import Table
-
     from pipeline import tracking
-    from pipeline.training.fit import MONITOR
 
     p = _load(params, set_)
     parent = tracking.latest_sweep(p.tracking.uri, p.tracking.experiment, family.value if family else None)
@@ -154,20 +148,59 @@ def runs(family: Annotated[Family | None, typer.Argument(help="Only this family'
                     err=True)
         raise typer.Exit(1)
     fam = parent["tags"]["family"]
-    monitor = MONITOR[fam][0]
+    monitor = FAMILIES[fam].monitor
     space = list(getattr(p.sweep, fam).space)
-    table = Table(title=f"sweep {fam}: MLflow run {parent['run_id']} ({parent['status']})")
-    for column in ("trial", "run id", "status", monitor, *space):
-        table.add_column(column, no_wrap=column == "run id", min_width=32 if column == "run id" else None)
-    trials = tracking.child_runs(p.tracking.uri, p.tracking.experiment, parent["run_id"])
+    header = ["trial", "run id", "status", monitor, *_short_keys(space)]
+    rows = _trial_rows(tracking.child_runs(p.tracking.uri, p.tracking.experiment, parent["run_id"]), monitor, space)
+    title = f"sweep {fam}: MLflow run {parent['run_id']} ({parent['status']})"
+    console = Console()
+    table = _table(title, header, rows)
+    if _width(console, table) > console.width:  # a start of each id is enough for `capline reproduce`
+        table = _table(title, [*header[:1], "run id (start)", *header[2:]], [[r[0], r[1][:12], *r[2:]] for r in rows])
+    # nothing is ever cut: a narrower terminal wraps the lines, a pipe gets them whole (rich would cut at 80)
+    Console(width=max(console.width, _width(console, table))).print(table)
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+    """A table whose every cell shows whole (no wrapping, no ellipsis)."""
+    table = Table(title=title, title_justify="left", pad_edge=False, collapse_padding=True)
+    for i, column in enumerate(header):
+        table.add_column(column, no_wrap=True, min_width=max([len(column), *(len(row[i]) for row in rows)]))
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _width(console: Console, table: Table) -> int:
+    """The columns `table` needs to show whole."""
+    return Measurement.get(console, console.options.update_width(10_000), table).maximum
+
+
+def _trial_rows(trials: list[dict], monitor: str, space: list[str]) -> list[list[str]]:
+    """One row per trial (by Ray trial id): trial, run id, Tune's outcome, best metric, its settings."""
+    rows = []
     for run in sorted(trials, key=lambda r: r["tags"].get("ray.trial_id", "")):
         value = run["metrics"].get(monitor, run["metrics"].get(monitor.replace("/", "_")))
         # Tune's outcome (completed / early_stopped / errored) over MLflow's FINISHED, which ASHA's stops also get
         status = "diverged" if run["tags"].get("diverged") == "true" else run["tags"].get("sweep.status",
                                                                                          run["status"])
-        table.add_row(run["tags"].get("ray.trial_id", "?"), run["run_id"], status,
-                      "" if value is None else f"{value:.4f}", *(run["params"].get(k, "") for k in space))
-    Console().print(table)
+        rows.append([run["tags"].get("ray.trial_id", "?"), run["run_id"], status,
+                     "" if value is None else f"{value:.4f}", *(_setting(run["params"].get(k, "")) for k in space)])
+    return rows
+
+
+def _setting(logged: str) -> str:
+    """A logged hyperparameter for the table: floats to 4 significant digits (lr 0.0019883638 -> 0.001988)."""
+    try:
+        return f"{float(logged):.4g}" if any(c in logged for c in ".eE") else logged
+    except ValueError:
+        return logged
+
+
+def _short_keys(keys: list[str]) -> list[str]:
+    """Search-space keys by their last part (train.lstm_lm.lr -> lr) when those are unique, else in full."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return last if len(set(last)) == len(last) else keys
 
 
 @app.command()
@@ -208,8 +241,11 @@ def caption(
     checkpoint: CheckpointOpt = None, params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None,
 ) -> None:
     """Caption image files with a trained captioner."""
-    from pipeline.inference import attention_strip, caption_files, load_images
-    from pipeline.training.fit import checkpoint_path, load_module
+    from PIL import Image
+
+    from pipeline.inference import caption_files, load_images
+    from pipeline.report.figures import attention_strip
+    from pipeline.training.checkpoints import checkpoint_path, load_module
 
     p = _load(params, set_)
     set_threads(p.runtime.threads)
@@ -222,7 +258,7 @@ def caption(
             attention_out.mkdir(parents=True, exist_ok=True)
             image = load_images([result.path], int(module.hparams["image_size"]))[0]
             out = attention_out / f"{result.path.stem}.attention.png"
-            attention_strip(image, result.words, result.attention).save(out)
+            Image.fromarray(attention_strip(image, result.words, result.attention.float().cpu().numpy())).save(out)
             typer.echo(f"  attention: {out}")
         elif attention_out is not None:
             typer.echo(f"  no attention maps: arch {module.model_cfg.arch} has no soft attention")
@@ -244,7 +280,7 @@ def generate(
 ) -> None:
     """Sample text from a trained language model."""
     from pipeline.inference import generate as sample_text
-    from pipeline.training.fit import checkpoint_path, load_module
+    from pipeline.training.checkpoints import checkpoint_path, load_module
 
     p = _load(params, set_)
     set_threads(p.runtime.threads)
@@ -278,7 +314,7 @@ def report(
 
 @app.command()
 def serve(
-    family: Annotated[Family, typer.Argument(help="Registered model to serve (capline-<family>).")] = Family.captioner,
+    family: Annotated[Family, typer.Argument(help="Registered model to serve (capline-<family>).")] = CAPTIONER,
     alias: Annotated[str, typer.Option(help="Registry alias of the version to serve.")] = "champion",
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5001,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipeline.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+from pipeline.tokens import END_ID, PAD_ID, START_ID, UNK_ID
 
 log = logging.getLogger(__name__)
 

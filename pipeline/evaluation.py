@@ -1,17 +1,29 @@
-"""Score trained models on a held-out split: caption metrics with beam search, LM loss and bits."""
+"""Score trained models on a held-out split: caption metrics with beam search, LM loss and bits.
+
+Beside the scores, what the report shows of the same run (pipeline/report/examples.py): the first test images'
+captions from the very beam search that was scored, with their attention maps, or a language model's samples.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.baselines import nearest_neighbour_scores
+from pipeline.data.coco import read_captions
+from pipeline.data.tokenize import detokenize
 from pipeline.decoding import beam_error_analysis, beam_search
+from pipeline.families import family as family_record
+from pipeline.inference import generate
 from pipeline.metrics import bits, caption_flaws, caption_scores, nltk_bleu4, perplexity, unigram_cross_entropy
-from pipeline.params import Params
+from pipeline.params import EvaluateParams, Params
+from pipeline.report.examples import CaptionExample, CaptionExamples, Examples, LanguageModelSamples
+from pipeline.training.checkpoints import load_module
 from pipeline.training.datamodules import CaptionDataModule, LanguageModelDataModule
-from pipeline.training.fit import build_datamodule, load_module, vocabulary
+from pipeline.training.fit import build_datamodule, vocabulary
 from pipeline.training.modules import CaptioningModule, LanguageModelModule, sequence_loss
 
 
@@ -20,33 +32,65 @@ def device_for(p: Params) -> str:
     return "cuda" if p.train.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
 
 
+@dataclasses.dataclass
+class Evaluation:
+    """A model's scores on a split, and what the report shows of that same evaluation."""
+
+    metrics: dict
+    examples: Examples
+
+
+@dataclasses.dataclass
+class Decoded:
+    """One image's beam-search words, and its attention (T, N) float16 when kept for the report."""
+
+    words: list[str]
+    attention: np.ndarray | None
+
+
 @torch.no_grad()
-def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: str, beam_size: int,
-                       alpha: float, meteor: bool, no_repeat_ngram: int) -> dict:
-    """Beam-search captions (n-gram block no_repeat_ngram) for every image of `split`; coco-caption metrics,
-    NLTK BLEU-4, error split."""
+def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: str, e: EvaluateParams,
+                       shown: int, attended: int) -> Evaluation:
+    """Beam-search captions (n-gram block e.no_repeat_ngram) for every image of `split`; coco-caption metrics,
+    NLTK BLEU-4, error split; the first `shown` images' captions (`attended` with attention maps) as examples."""
     model, vocab = module.model, module.vocab_tokens
     refs = dm.references(split)
-    hyps: dict[int, str] = {}
+    decoded: dict[int, Decoded] = {}
     search_errors = items = 0
+    attends = False  # whether beam search gives per-word attention (show_attend_tell)
     loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
     for batch in loader:
         images = batch["images"].to(module.device)
         memory = model.encode(images)
-        result = beam_search(model, memory, len(images), beam_size, module.model_cfg.max_len, alpha,
-                             no_repeat_ngram)
+        result = beam_search(model, memory, len(images), e.beam_size, module.model_cfg.max_len, e.alpha,
+                             e.no_repeat_ngram)
+        attends = result.attention is not None
         keys = batch["image_index"].tolist()
-        for key, tokens in zip(keys, result.tokens, strict=True):
-            hyps[key] = " ".join(vocab[t] for t in tokens)
+        attention = result.attention or [None] * len(keys)
+        for key, tokens, att in zip(keys, result.tokens, attention, strict=True):
+            kept = att is not None and key < attended  # maps in [0, 1]: half precision is plenty to draw them
+            decoded[key] = Decoded([vocab[t] for t in tokens], att.float().cpu().numpy().astype(np.float16)
+                                   if kept else None)
         ref_ids = [[module.vocab.encode(r.split()) for r in refs[k]] for k in keys]
-        analysis = beam_error_analysis(model, memory, ref_ids, result.tokens, alpha)
+        analysis = beam_error_analysis(model, memory, ref_ids, result.tokens, e.alpha)
         search_errors += analysis["search_errors"]
         items += analysis["items"]
-    scores = caption_scores({k: refs[k] for k in hyps}, hyps, meteor=meteor)
-    return {**scores, "nltk_bleu_4": nltk_bleu4({k: refs[k] for k in hyps}, hyps),
-            "beam_size": beam_size, "alpha": alpha, "no_repeat_ngram": no_repeat_ngram, "images": len(hyps),
-            "search_error_fraction": search_errors / max(1, items),
-            "model_error_fraction": (items - search_errors) / max(1, items), **caption_flaws(hyps)}
+    hyps = {k: " ".join(d.words) for k, d in decoded.items()}
+    scores = caption_scores({k: refs[k] for k in hyps}, hyps, meteor=e.meteor)
+    metrics = {**scores, "nltk_bleu_4": nltk_bleu4({k: refs[k] for k in hyps}, hyps),
+               "beam_size": e.beam_size, "alpha": e.alpha, "no_repeat_ngram": e.no_repeat_ngram, "images": len(hyps),
+               "search_error_fraction": search_errors / max(1, items),
+               "model_error_fraction": (items - search_errors) / max(1, items), **caption_flaws(hyps)}
+    images = [caption_example(rec, decoded[rec["image_index"]])
+              for rec in read_captions(dm.coco_dir / split / "captions.jsonl")[:shown]]
+    decoding = {k: metrics[k] for k in ("beam_size", "alpha", "no_repeat_ngram")}
+    return Evaluation(metrics, CaptionExamples(module.model_cfg.arch, attends, decoding, images))
+
+
+def caption_example(record: dict, decoded: Decoded) -> CaptionExample:
+    """A captions.jsonl record beside its decoded caption, as the report shows it."""
+    return CaptionExample(record["image_index"], record["image_id"], record["file_name"], decoded.words,
+                          [detokenize(c) for c in record["captions"]], detokenize(decoded.words), decoded.attention)
 
 
 @torch.no_grad()
@@ -79,17 +123,31 @@ def evaluate_language_model(module: LanguageModelModule, dm: LanguageModelDataMo
             "unigram_perplexity": perplexity(baseline)}
 
 
-def evaluate(p: Params, family: str, checkpoint: str | Path, split: str = "test") -> dict:
-    """Load a checkpoint and score it on `split` with the `evaluate` params."""
+def lm_samples(module: LanguageModelModule, prompt: str, length: int, temperatures: list[float],
+               seed: int) -> LanguageModelSamples:
+    """One sample per temperature continuing `prompt` for `length` tokens, each seeded with `seed`."""
+    return LanguageModelSamples(prompt, length, seed, [(t, generate(module, prompt, length, t, seed=seed))
+                                                        for t in temperatures])
+
+
+def run_evaluation(p: Params, family: str, checkpoint: str | Path, split: str = "test") -> Evaluation:
+    """Load a checkpoint and score it on `split` with the `evaluate` params; what the report shows beside."""
     module = load_module(family, checkpoint, device_for(p))
     dm = build_datamodule(p, family, vocabulary(p, family), use_features=False)  # raw images through the encoder
     dm.setup("test")
-    if family == "captioner":
-        e = p.evaluate
-        result = evaluate_captioner(module, dm, split, e.beam_size, e.alpha, e.meteor, e.no_repeat_ngram)
-        result.update(nearest_neighbour_scores(module.model.encoder, dm.images_dataloader("train"),
-                                               dm.images_dataloader(split), dm.references("train"),
-                                               dm.references(split), module.device, e.meteor))
+    e, r = p.evaluate, p.report
+    if family_record(family).captions:
+        result = evaluate_captioner(module, dm, split, e, r.test_images, r.attention_images)
+        result.metrics.update(nearest_neighbour_scores(module.model.encoder, dm.images_dataloader("train"),
+                                                       dm.images_dataloader(split), dm.references("train"),
+                                                       dm.references(split), module.device, e.meteor))
     else:
-        result = evaluate_language_model(module, dm, split, Path(p.paths.text))
-    return {"family": family, "checkpoint": str(checkpoint), "split": split, **result}
+        result = Evaluation(evaluate_language_model(module, dm, split, Path(p.paths.text)),
+                            lm_samples(module, r.prompt, e.sample_length, e.temperatures, p.seed))
+    result.metrics = {"family": family, "checkpoint": str(checkpoint), "split": split, **result.metrics}
+    return result
+
+
+def evaluate(p: Params, family: str, checkpoint: str | Path, split: str = "test") -> dict:
+    """Load a checkpoint and score it on `split` with the `evaluate` params (the scores only)."""
+    return run_evaluation(p, family, checkpoint, split).metrics

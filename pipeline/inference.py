@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pipeline.data.images import ImageLimits, ImageSkip, load_image
 from pipeline.data.tokenize import detokenize, tokenize
-from pipeline.data.vocab import END_ID
 from pipeline.decoding import beam_search, generate_text
+from pipeline.tokens import END_ID
 from pipeline.training.modules import CaptioningModule, LanguageModelModule
 
 
@@ -79,30 +78,6 @@ def caption_files(module: CaptioningModule, paths: list[Path], beam_size: int, a
         except ValueError as err:
             bad.append(str(err))
     return (caption_images(module, good, beam_size, alpha, no_repeat_ngram=no_repeat_ngram) if good else []), bad
-
-
-def attention_strip(image: np.ndarray, words: list[str], attention: torch.Tensor, cell: int = 128) -> Image.Image:
-    """The image, then one panel per word with its attention map over it (Xu et al. Fig. 2 style)."""
-    from PIL import ImageDraw
-
-    steps, n = attention.shape  # (T, N); T = words + 1 when the caption ended with <end>
-    side = int(math.isqrt(n))
-    if side * side != n:
-        raise ValueError(f"attention over {n} positions is not a square grid")
-    base = Image.fromarray(image.transpose(1, 2, 0)).resize((cell, cell), Image.Resampling.BICUBIC)
-    labels = ["", *words, "<end>"][: steps + 1]
-    strip = Image.new("RGB", (cell * len(labels), cell + 18), "white")
-    strip.paste(base, (0, 0))
-    for t in range(len(labels) - 1):
-        alpha = attention[t].float().reshape(side, side).cpu().numpy()
-        alpha = (alpha / max(alpha.max(), 1e-8) * 255).astype(np.uint8)
-        mask = Image.fromarray(alpha).resize((cell, cell), Image.Resampling.BILINEAR)
-        lit = Image.composite(base, Image.new("RGB", base.size, "black"), mask)
-        strip.paste(Image.blend(base, lit, 0.8), (cell * (t + 1), 0))
-    draw = ImageDraw.Draw(strip)
-    for t, word in enumerate(labels):
-        draw.text((cell * t + 4, cell + 3), word, fill="black")
-    return strip
 
 
 def prompt_ids(module: LanguageModelModule, prompt: str) -> list[int]:

@@ -61,6 +61,57 @@ def write_json(path: str | Path, obj: Any) -> None:
         fh.write("\n")
 
 
+# Durations and rates over them (seconds, wall_seconds, images_per_second): different on every run, so as DVC
+# metrics they would show as changed in every `dvc metrics diff` and widen `dvc metrics show` for nothing.
+TIMING_KEY = re.compile(r"(?:^|_)seconds$|_per_second$")
+
+
+def timings_path(metrics_path: str | Path) -> Path:
+    """Where write_metrics puts the timings of a metrics file: timings/<name> beside it (not a DVC metric)."""
+    path = Path(metrics_path)
+    return path.parent / "timings" / path.name
+
+
+def split_metrics(metrics: dict[str, Any], nested: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what to compare, timings) of a metrics tree; zero counts inside nested breakdowns are left out."""
+    kept: dict[str, Any] = {}
+    timings: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if "." in key:  # a params key (best_config, overrides): its value is a setting, kept as it is
+            kept[key] = value
+        elif isinstance(value, dict):
+            sub_kept, sub_timings = split_metrics(value, nested=True)
+            if sub_kept or not value:  # a breakdown of zeros goes; an empty dict written as such stays
+                kept[key] = sub_kept
+            if sub_timings:
+                timings[key] = sub_timings
+        elif TIMING_KEY.search(key) and _is_number(value):
+            timings[key] = value
+        elif not (nested and _is_zero_count(value)):
+            kept[key] = value  # top-level counts stay even at 0 (errored: 0 is a result)
+    return kept, timings
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_zero_count(value: Any) -> bool:
+    """An int 0 (a rate or score of 0.0 is a measurement, kept)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value == 0
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    """Write a stage's DVC metrics file as split_metrics keeps it, and its timings to timings_path(path)."""
+    kept, timings = split_metrics(metrics)
+    write_json(path, kept)
+    if timings:
+        write_json(timings_path(path), timings)
+    else:  # a previous run's timings would read as this run's
+        timings_path(path).unlink(missing_ok=True)
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write UTF-8 text atomically."""
     with atomic_open(path) as fh:

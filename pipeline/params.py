@@ -11,7 +11,7 @@ import functools
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -45,6 +45,56 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class MissingSection(ParamsError, AttributeError):
+    """A registered plug-in family whose section params.yaml lacks."""
+
+
+class FamilyGroup(Section):
+    """A params group with a section per model family (models, train, sweep).
+
+    The built-in families are fields; a plug-in family's section (pipeline/families.py) is an extra key,
+    validated by the family's own schema. Any other extra key is an error naming it.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    GROUP: ClassVar[str]
+
+    @classmethod
+    def plug_in_schema(cls, name: str) -> type[BaseModel]:
+        """The schema of plug-in family `name`'s section in this group; ValueError if no such family."""
+        from pipeline.families import BUILT_IN, FAMILIES  # here, not above: a plug-in's module imports this one
+
+        if name not in FAMILIES or name in BUILT_IN:
+            raise ValueError(f"{cls.GROUP}.{name}: unknown key (neither a setting nor a model family; "
+                             f"families: {', '.join(FAMILIES)})")
+        return SweepFamilyParams if cls.GROUP == "sweep" else FAMILIES[name].schema(cls.GROUP)
+
+    @model_validator(mode="after")
+    def _plug_in_sections(self) -> FamilyGroup:
+        for name, raw in list((self.__pydantic_extra__ or {}).items()):
+            schema = self.plug_in_schema(name)
+            try:
+                self.__pydantic_extra__[name] = schema.model_validate(raw)
+            except ValidationError as err:
+                raise ValueError("; ".join(f"{self.GROUP}.{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                           for e in err.errors())) from None
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            raise MissingSection(f"params: no {self.GROUP}.{name} section (a model family needs models.{name}, "
+                                 f"train.{name} and sweep.{name} in params.yaml)") from None
+
+    def families(self) -> list[str]:
+        """The names of the family sections it holds, built-in first."""
+        built_in = [n for n, f in type(self).model_fields.items() if isinstance(getattr(self, n), BaseModel)]
+        return built_in + list(self.__pydantic_extra__ or {})
+
+
 class PathsParams(Section):
     sample: str
     coco: str
@@ -55,6 +105,7 @@ class PathsParams(Section):
     features: str
     models: str
     sweeps: str
+    evaluation: str
     ray_storage: str
     metrics: str
     reports: str
@@ -174,7 +225,7 @@ class CaptionerParams(Section):
     heads: int = Field(ge=1, le=128)
     ff_size: int = Field(ge=1)
     dropout: float = Field(ge=0.0, lt=1.0)
-    max_len: int = Field(ge=2, le=512)
+    max_len: Annotated[int, Field(ge=2, le=512)] | Literal["auto"]  # auto: from the training captions' lengths
     pretrained_embeddings: bool
 
     @model_validator(mode="after")
@@ -210,6 +261,8 @@ class TransformerLmParams(Section):
     ff_size: int = Field(ge=1)
     dropout: float = Field(ge=0.0, lt=1.0)
     context: int = Field(ge=2, le=65536)
+    positions: Literal["learned", "sinusoidal"]  # learned table (GPT-2) | fixed sin/cos on sqrt(d)-scaled tokens
+    bias: bool  # biases in every Linear and LayerNorm
     pretrained_embeddings: bool
 
     @model_validator(mode="after")
@@ -219,7 +272,8 @@ class TransformerLmParams(Section):
         return self
 
 
-class ModelsParams(Section):
+class ModelsParams(FamilyGroup):
+    GROUP = "models"
     captioner: CaptionerParams
     lstm_lm: LstmLmParams
     transformer_lm: TransformerLmParams
@@ -263,7 +317,12 @@ class LstmLmTrainParams(OptimParams):
     bptt: int = Field(ge=2, le=65536)
 
 
-class TrainParams(Section):
+class TransformerLmTrainParams(OptimParams):
+    min_lr_fraction: float = Field(ge=0.0, le=1.0)  # cosine: decays from lr to min_lr_fraction x lr (0: to 0)
+
+
+class TrainParams(FamilyGroup):
+    GROUP = "train"
     accelerator: Literal["auto", "cpu", "gpu"]
     devices: int = Field(ge=1)
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
@@ -274,7 +333,7 @@ class TrainParams(Section):
     log_every_n_steps: int = Field(ge=1)
     captioner: CaptionerTrainParams
     lstm_lm: LstmLmTrainParams
-    transformer_lm: OptimParams
+    transformer_lm: TransformerLmTrainParams
 
     @model_validator(mode="after")
     def _one_batching(self) -> TrainParams:
@@ -370,7 +429,10 @@ def field_adapter(key: str) -> TypeAdapter:
     model: type[BaseModel] = Params
     *sections, name = key.split(".")
     for section in sections:
-        model = model.model_fields[section].annotation
+        if section not in model.model_fields and issubclass(model, FamilyGroup):  # a plug-in family's section
+            model = model.plug_in_schema(section)
+        else:
+            model = model.model_fields[section].annotation
     info = model.model_fields[name]
     annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
     return TypeAdapter(annotation, config=ConfigDict(strict=True))
@@ -415,7 +477,8 @@ class SweepFamilyParams(Section):
         return self
 
 
-class SweepParams(Section):
+class SweepParams(FamilyGroup):
+    GROUP = "sweep"
     ray_address: str | None
     captioner: SweepFamilyParams
     lstm_lm: SweepFamilyParams
@@ -454,7 +517,7 @@ class Params(Section):
     @model_validator(mode="after")
     def _space_keys_exist(self) -> Params:
         tree = self.model_dump(mode="json")
-        for family in ("captioner", "lstm_lm", "transformer_lm"):
+        for family in self.sweep.families():  # one section per model family (pipeline/families.py)
             for key in getattr(self.sweep, family).space:
                 if not _lookup(tree, key) or key.startswith("sweep."):
                     raise ValueError(f"sweep.{family}.space.{key}: no such params key to search over")
@@ -541,7 +604,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         else:
             shown = repr(e.get("input"))
             what = e["msg"] + (f" (got {shown})" if len(shown) <= 80 else "")
-        lines.append(f"{source}: {key}: {what}" if key else f"{source}: {what}")
+        if not key or what.startswith(f"{key}."):  # a message naming the full key itself (a plug-in's section)
+            lines.append(f"{source}: {what}")
+        else:
+            lines.append(f"{source}: {key}: {what}")
     if len(lines) == 1:  # the usual case: one line, as every known error reaches the user
         return f"invalid params: {lines[0]}"
     return "invalid params:\n  " + "\n  ".join(lines)

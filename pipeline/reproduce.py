@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
+from pipeline.families import FAMILIES
 from pipeline.params import Params, flatten_keys, validate_params
-from pipeline.training.fit import MONITOR, run_params, train
+from pipeline.training.fit import run_params, train
 
 
 def _parse(logged: str, template: Any) -> Any:
@@ -52,14 +53,14 @@ def reproduce_trial(p: Params, run_id: str, tolerance: float) -> dict[str, Any]:
     """Retrain the trial `run_id` (same config, seed and epochs) and compare its metric with the record."""
     run = tracking.get_run(p.tracking.uri, run_id)
     family = run["tags"].get("family")
-    if family not in MONITOR:
+    if family not in FAMILIES:
         raise ValueError(f"MLflow run {run_id} is not a capline trial (tag 'family' is {family!r})")
-    monitor, mode = MONITOR[family]
+    monitor, mode = FAMILIES[family].monitor, FAMILIES[family].mode
     recorded = best_recorded(p.tracking.uri, run_id, monitor, mode)
     if recorded is None:
         raise ValueError(f"MLflow run {run_id} has no finite {monitor} to reproduce (status {run['status']})")
     trial_params, missing = recorded_params(p, run["params"])
-    logged_by_trials = tracking.flatten(run_params(p, family))  # the rest of params is not the trial's to log
+    logged_by_trials = flatten_keys(run_params(p, family))  # the rest of params is not the trial's to log
     missing = [key for key in missing if key in logged_by_trials]
     now = tracking.lineage_tags(Path.cwd())
     data_changed = sorted(k for k, v in run["tags"].items() if k.startswith("dvc.") and now.get(k) != v)

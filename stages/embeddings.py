@@ -16,7 +16,7 @@ from pipeline.data.vocab import Vocabulary
 from pipeline.embeddings.glove import align_glove
 from pipeline.embeddings.probe import probe
 from pipeline.embeddings.skipgram import SkipGramConfig, load_stream, train_skipgram
-from pipeline.io import save_npy, write_json
+from pipeline.io import save_npy, write_metrics
 from pipeline.params import Params, load_params
 from pipeline.runtime import set_threads
 from stages import entry
@@ -62,7 +62,7 @@ def run(p: Params) -> dict:
         "missing_probe_words": missing,
     }
     save_npy(Path(p.paths.embeddings) / "words.npy", matrix)
-    write_json(Path(p.paths.metrics) / "embeddings.json", metrics)
+    write_metrics(Path(p.paths.metrics) / "embeddings.json", metrics)
     detail = (f"{extra['training_pairs']:,} pairs, loss {extra['final_loss']:.3f}" if method == "skipgram"
               else f"{extra['words_found']:,} words found")
     print(f"embeddings: {method} {matrix.shape[0]:,}x{matrix.shape[1]} ({detail}) -> {p.paths.embeddings}")

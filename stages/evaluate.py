@@ -2,7 +2,9 @@
 
 DVC stage `evaluate@<family>`: {paths.models}/<family>/best.ckpt + test data
 -> metrics/evaluate_<family>.json (captioner: BLEU-1..4, METEOR, ROUGE-L, CIDEr with beam search;
-language models: test loss, perplexity, bits per character and the unigram baseline)
+language models: test loss, perplexity, bits per character and the unigram baseline), metrics/curve_<family>.csv,
+and what the report shows, {paths.evaluation}/<family>/ (captioner: the first report.test_images test captions
+exactly as scored, with attention maps; language models: seeded samples of report.prompt per evaluate.temperatures)
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import sys
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.evaluation import evaluate
-from pipeline.io import atomic_open, read_json, write_json
+from pipeline.evaluation import run_evaluation
+from pipeline.families import FAMILIES
+from pipeline.io import atomic_open, read_json, write_metrics
 from pipeline.params import Params, load_params
+from pipeline.report.examples import examples_dir, write_examples
 from pipeline.runtime import set_threads
-from pipeline.training.fit import FAMILIES, checkpoint_path, learning_curve
+from pipeline.training.checkpoints import checkpoint_path, learning_curve
 from stages import entry
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,7 @@ def log_to_training_run(p: Params, family: str, ckpt: Path, metrics: dict) -> st
 
 def headline(family: str, m: dict) -> str:
     """One line a reader of the model registry wants: the test scores against the baseline."""
-    if family == "captioner":
+    if FAMILIES[family].captions:
         return (f"test split ({m['images']} images): BLEU-4 {m['bleu_4']:.3f}, CIDEr {m['cider']:.3f}; copying the "
                 f"nearest training image's caption: BLEU-4 {m['nn_bleu_4']:.3f}, CIDEr {m['nn_cider']:.3f}")
     return (f"test split ({m['tokens']:,} {m['level']} tokens): perplexity {m['perplexity']:.2f}, "
@@ -61,16 +65,19 @@ def headline(family: str, m: dict) -> str:
 
 
 def run(p: Params, family: str, checkpoint: str | Path | None = None) -> dict:
-    """Evaluate `family` (default: its best.ckpt); write metrics/evaluate_<family>.json and its learning curve.
+    """Evaluate `family` (default: its best.ckpt); write metrics/evaluate_<family>.json, its learning curve and
+    {paths.evaluation}/<family>/ for the report.
 
     The scores also go to the final model's MLflow run as test/<metric>, beside its training curves, and to its
     registered model version (test.<metric> tags and a one-line description).
     """
     set_threads(p.runtime.threads)
     ckpt = Path(checkpoint) if checkpoint else checkpoint_path(p, family, "best")
-    metrics = evaluate(p, family, ckpt)
+    result = run_evaluation(p, family, ckpt)
+    metrics = result.metrics
     metrics["run_id"] = log_to_training_run(p, family, ckpt, metrics)
-    write_json(Path(p.paths.metrics) / f"evaluate_{family}.json", metrics)
+    write_examples(examples_dir(p, family), result.examples)
+    write_metrics(Path(p.paths.metrics) / f"evaluate_{family}.json", metrics)
     last = ckpt.with_name("last.ckpt")  # the full run's history; best.ckpt stops at the best epoch
     write_curve(Path(p.paths.metrics) / f"curve_{family}.csv", learning_curve(last if last.is_file() else ckpt))
     shown = {k: v for k, v in metrics.items() if isinstance(v, float)}

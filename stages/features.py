@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data import SPLITS
-from pipeline.io import atomic_dir, write_json
+from pipeline.io import atomic_dir, write_json, write_metrics
 from pipeline.params import Params, load_params
 from pipeline.runtime import set_threads
 from stages import entry
@@ -22,9 +22,9 @@ def extract_splits(p: Params, out_dir: Path) -> dict:
     """Run the captioner's frozen encoder over every split into out_dir; the metrics."""
     import torch
 
-    from pipeline.data.features import extract_features, write_manifest
     from pipeline.models.encoders import build_encoder
     from pipeline.training.datasets import LazyArray
+    from pipeline.training.features import extract_features, write_manifest
 
     c = p.models.captioner
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,7 +50,7 @@ def run(p: Params) -> dict:
         else:
             write_json(tmp / "manifest.json", {"enabled": False})
             metrics = {"enabled": False}
-    write_json(Path(p.paths.metrics) / "features.json", metrics)
+    write_metrics(Path(p.paths.metrics) / "features.json", metrics)
     if metrics["enabled"]:
         print(f"features: {metrics['encoder']} {'x'.join(map(str, metrics['feature_shape']))} {metrics['dtype']}, "
               f"{sum(metrics['splits'].values()):,} images at {metrics['images_per_second']:,.0f}/s -> {out}")

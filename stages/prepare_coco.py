@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.coco import prepare_coco
-from pipeline.io import remove_stale_temporaries, write_json
+from pipeline.io import remove_stale_temporaries, write_metrics
 from pipeline.params import Params, load_params
 from stages import entry
 
@@ -29,7 +29,7 @@ def run(p: Params) -> dict[str, Any]:
     )
     metrics = Path(p.paths.metrics) / "prepare_coco.json"
     remove_stale_temporaries(metrics)  # a write_json temporary left by a killed run
-    write_json(metrics, stats)
+    write_metrics(metrics, stats)
     sp = stats["splits"]
     print(f"prepare_coco: {stats['images']:,} images (train {sp['train']:,} / val {sp['val']:,} / "
           f"test {sp['test']:,}), {stats['captions']:,} captions, {stats['skipped_images']:,} images and "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.data import SPLITS
 from pipeline.data.text import default_corpus, read_corpus, split_corpus, strip_boilerplate, word_lines
-from pipeline.io import atomic_dir, write_json
+from pipeline.io import atomic_dir, write_metrics
 from pipeline.params import Params, load_params
 from stages import entry
 
@@ -37,7 +37,7 @@ def run(p: Params) -> dict:
             metrics["characters"][split] = len(text)
             metrics["lines"][split] = len(lines)
             metrics["words"][split] = sum(len(t) for t in lines)
-    write_json(Path(p.paths.metrics) / "prepare_text.json", metrics)
+    write_metrics(Path(p.paths.metrics) / "prepare_text.json", metrics)
     note = (f" (Project Gutenberg header/footer: {stripped['characters']:,} characters stripped from "
             f"{stripped['documents']})" if stripped["documents"] else "")
     print(f"prepare_text: {len(docs):,} documents{note}; words train/val/test "

@@ -1,8 +1,9 @@
 """The report: one self-contained HTML page of what the pipeline produced, its figures also in MLflow.
 
-DVC stage `report`: metrics/*.json, metrics/curve_<family>.csv, {paths.models}, {paths.sweeps}, the prepared
-test images and the embeddings -> {paths.reports}/index.html, metrics/report.json. Parts not produced yet
-(no sweep, no model) are named in the page with the command that makes them.
+DVC stage `report`: metrics/*.json, metrics/curve_<family>.csv, what evaluate@<family> wrote for it
+({paths.evaluation}: test captions, attention maps, samples), the prepared test images and the embeddings ->
+{paths.reports}/index.html, metrics/report.json. It renders, it never decodes: no model is loaded. Parts not
+produced yet (no sweep, no evaluation) are named in the page with the command that makes them.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from pipeline.io import write_json, write_text
+from pipeline.io import write_metrics, write_text
 from pipeline.params import Params, load_params
 from pipeline.report.blocks import Section
 from pipeline.report.build import ReportBuilder, mlflow_figure_log
 from pipeline.report.figures import FigureSink
 from pipeline.report.html import render
-from pipeline.runtime import set_threads
 from stages import entry
 
 
@@ -27,7 +27,7 @@ def report_path(p: Params) -> Path:
 
 
 def build_sections(builder: ReportBuilder, progress: bool) -> list[Section]:
-    """Every section in order, with a progress bar (captioning and sampling take a while on a CPU)."""
+    """Every section in order, with a progress bar (figures and `dvc metrics diff` take a few seconds)."""
     sections = []
     with Progress(disable=not progress, transient=True) as bar:
         steps = builder.steps()
@@ -41,7 +41,7 @@ def build_sections(builder: ReportBuilder, progress: bool) -> list[Section]:
 
 def run(p: Params, repo_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Build reports/index.html (and log its figures to MLflow); write metrics/report.json."""
-    set_threads(p.runtime.threads)
+    # no set_threads as the other stages do: it would import torch, and nothing here runs a model
     repo = Path(repo_dir) if repo_dir is not None else Path.cwd()
     run_id, log = None, None
     if p.report.log_to_mlflow:
@@ -67,7 +67,7 @@ def run(p: Params, repo_dir: str | Path | None = None, progress: bool = True) ->
     metrics = {"sections": {s.id: "missing" if s.missing else "shown" for s in sections},
                "figures": sum(len(s.figures()) for s in sections), "html_bytes": len(html.encode("utf-8")),
                "mlflow_figures": len(sink.logged), "mlflow_run_id": run_id}
-    write_json(Path(p.paths.metrics) / "report.json", metrics)
+    write_metrics(Path(p.paths.metrics) / "report.json", metrics)
     shown = [k for k, v in metrics["sections"].items() if v == "shown"]
     print(f"report: {report_path(p)} ({metrics['html_bytes'] / 1e6:.1f} MB, {metrics['figures']} figures; "
           f"sections shown: {', '.join(shown) or 'none'}; {metrics['mlflow_figures']} figures logged to MLflow)")

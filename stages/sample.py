@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.sample import generate_sample
-from pipeline.io import write_json
+from pipeline.io import write_metrics
 from pipeline.params import Params, load_params
 from stages import entry
 
@@ -19,7 +19,7 @@ def run(p: Params) -> dict[str, Any]:
     s = p.sample
     stats = generate_sample(Path(p.paths.sample), seed=p.seed, images=s.images, image_size=s.image_size,
                             jpeg_quality=s.jpeg_quality, min_shapes=s.min_shapes, max_shapes=s.max_shapes)
-    write_json(Path(p.paths.metrics) / "sample.json", stats)
+    write_metrics(Path(p.paths.metrics) / "sample.json", stats)
     print(f"sample: {stats['images']:,} images, {stats['captions']:,} captions, "
           f"{stats['shapes']:,} shapes, {stats['words']} words -> {p.paths.sample}")
     return stats

@@ -15,11 +15,14 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
-from pipeline.io import read_json, write_json
+from pipeline.families import FAMILIES
+from pipeline.io import read_json, write_json, write_metrics
 from pipeline.params import Params, apply_overrides, load_params, validate_params
 from pipeline.runtime import set_threads
-from pipeline.training.fit import FAMILIES, checkpoint_path, train
+from pipeline.training.checkpoints import checkpoint_path
+from pipeline.training.fit import data_paths, run_params, train
 from stages import best_path, entry
 
 
@@ -59,6 +62,19 @@ def continue_or_clear(p: Params, family: str) -> bool:
     return False
 
 
+def tracked_logger(p: Params, family: str) -> Any:
+    """A Lightning logger into a new MLflow run of the training, tagged with its lineage, params logged once."""
+    from pipeline import tracking  # here: a GPU box without mlflow still trains (train(..., logger=None))
+
+    lineage = tracking.lineage_tags(Path.cwd())
+    mlf = tracking.lightning_logger(p.tracking.uri, p.tracking.experiment, run_name=f"train-{family}",
+                                    tags={"family": family, "params_hash": tracking.params_hash(p.to_dict()),
+                                          **lineage})
+    tracking.log_params_flat(mlf.run_id, run_params(p, family))
+    tracking.log_data_inputs(mlf.run_id, lineage, data_paths(p, family))  # MLflow's Datasets column
+    return mlf
+
+
 def run(p: Params, family: str, resume: bool = False, best: bool = False, register: bool = False,
         persist: bool = False) -> dict:
     """Fit `family` (optionally with the sweep's best config); write metrics/train_<family>.json.
@@ -72,11 +88,15 @@ def run(p: Params, family: str, resume: bool = False, best: bool = False, regist
         p, overrides = with_best_config(p, family)
     if persist:
         resume = continue_or_clear(p, family)
-    result = train(p, family, resume=resume)
+    result = train(p, family, resume=resume, logger=tracked_logger(p, family))
     if persist:
         (checkpoint_path(p, family).parent / RESUME_KEY).unlink(missing_ok=True)  # finished: never continued
     metrics = {**result.to_dict(), "overrides": overrides}
     metrics.pop("history")  # the learning curve travels in the checkpoint; evaluate@ plots it
+    if result.run_id and Path(result.best_checkpoint).is_file():
+        from pipeline import tracking
+
+        tracking.log_artifact(result.run_id, result.best_checkpoint, "checkpoints")
     if register and result.run_id:
         from pipeline import tracking
 
@@ -85,7 +105,7 @@ def run(p: Params, family: str, resume: bool = False, best: bool = False, regist
                   **p.serve.model_dump(exclude={"max_request_bytes"})}
         metrics["registered"] = tracking.register_checkpoint(
             p.tracking.uri, result.run_id, family, result.best_checkpoint, served, alias="champion")
-    write_json(Path(p.paths.metrics) / f"train_{family}.json", metrics)
+    write_metrics(Path(p.paths.metrics) / f"train_{family}.json", metrics)
     print(f"train {family}: best {result.monitor} {result.best_score:.4f} after {result.epochs} epochs; "
           f"checkpoint {result.best_checkpoint}")
     return metrics

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.data import SPLITS
 from pipeline.data.coco import read_captions
 from pipeline.data.vocab import Vocabulary, coverage
-from pipeline.io import atomic_dir, save_npy, write_json
+from pipeline.io import atomic_dir, save_npy, write_metrics
 from pipeline.params import Params, load_params
 from stages import entry
 
@@ -75,7 +75,7 @@ def run(p: Params) -> dict:
                                 for s in SPLITS} for src in sorted(words)},
         "char_coverage": {s: coverage(char_vocab, chars[s]) for s in SPLITS},
     }
-    write_json(Path(p.paths.metrics) / "vocab.json", metrics)
+    write_metrics(Path(p.paths.metrics) / "vocab.json", metrics)
     oov = ", ".join(f"{src} {cov['val']['oov_rate']:.2%}" for src, cov in metrics["word_coverage"].items())
     print(f"vocab: {len(word_vocab):,} words, {len(char_vocab):,} chars; val OOV rate {oov}")
     return metrics

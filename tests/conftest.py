@@ -86,7 +86,8 @@ def tiny_overrides(root: Path) -> dict[str, object]:
         "sample": "data/sample", "coco": "data/prepared/coco", "text": "data/prepared/text",
         "vocab": "data/vocab", "encoded": "data/encoded", "embeddings": "artifacts/embeddings",
         "features": "data/features", "models": "artifacts/models", "sweeps": "artifacts/sweeps",
-        "ray_storage": "ray_results", "metrics": "metrics", "reports": "reports"}.items()}
+        "ray_storage": "ray_results", "metrics": "metrics", "reports": "reports",
+        "evaluation": "artifacts/evaluation"}.items()}
     return {
         **TINY,
         **{f"paths.{k}": v for k, v in paths.items()},
@@ -100,7 +101,7 @@ def tiny_overrides(root: Path) -> dict[str, object]:
 def overrides_under(prepared: Params, root: Path) -> dict[str, object]:
     """TINY on already-prepared data, with models, metrics, sweeps and MLflow written under `root`."""
     return {**TINY, **{f"paths.{k}": v for k, v in prepared.paths.model_dump().items()},
-            **{f"paths.{k}": str(root / k) for k in ("models", "metrics", "sweeps", "reports")},
+            **{f"paths.{k}": str(root / k) for k in ("models", "metrics", "sweeps", "reports", "evaluation")},
             "data.coco.annotations": prepared.data.coco.annotations, "data.coco.images": prepared.data.coco.images,
             "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"}
 

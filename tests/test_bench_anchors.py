@@ -18,6 +18,7 @@ from bench.anchors import (
     capline_word_stream,
     char_split,
     close_vocabulary,
+    figures,
     parse_epoch_lines,
     parse_nanogpt,
     parse_word_reference,
@@ -25,6 +26,7 @@ from bench.anchors import (
     reference_stream,
     set_args,
     split_lines,
+    tables,
     threads_used,
     transformer_overrides,
     vocabularies,
@@ -95,6 +97,8 @@ def test_capline_runs_nanogpts_number_of_updates(train_chars: int) -> None:
     per_epoch = int(batches * o["train.transformer_lm.epoch_fraction"])  # Lightning's limit_train_batches
     assert per_epoch * o["train.transformer_lm.max_epochs"] == CHAR["max_iters"]
     assert o["train.transformer_lm.warmup_fraction"] == 100 / 2000
+    assert o["train.transformer_lm.min_lr_fraction"] == pytest.approx(1e-4 / 1e-3)  # nanoGPT's min_lr / lr
+    assert not any(k.endswith((".positions", ".bias")) for k in o)  # capline's own defaults
 
 
 def test_capline_side_trains_the_asked_updates_in_a_child(tmp_path: Path) -> None:
@@ -108,3 +112,20 @@ def test_capline_side_trains_the_asked_updates_in_a_child(tmp_path: Path) -> Non
     assert run["command"].startswith("capline train transformer_lm --set ")
     assert "--set models.transformer_lm.d_model=16" in run["command"] and "paths." not in run["command"]
     assert capline_base(tmp_path, 1)["runtime.threads"] == 1
+
+
+def test_char_rows_per_seed_and_the_check_on_their_mean() -> None:
+    def run(seed: int, bias: bool | None, loss: float) -> dict:
+        return {"seed": seed, "bias": bias, "val_loss": loss, "steps": 2000, "loop_seconds": 1.0, "wall_seconds": 2.0}
+
+    runs = [run(1, None, 1.90), run(1, False, 1.91), run(2, None, 1.88), run(2, False, 1.93)]
+    char = {"reference": {"steps": 2000, "val_loss": 1.88, "val_loss_full": 1.895, "iter": 2000,
+                          "loop_seconds": 1.0, "wall_seconds": 1.5},
+            "capline": runs[0], "capline_no_bias": runs[1], "capline_runs": runs,
+            "capline_mean_val_loss": 1.89, "capline_no_bias_mean_val_loss": 1.92}
+    text = tables({"char": char})
+    assert "| capline transformer_lm, bias false, seed 2 | 2,000 | 1.9300 |" in text
+    assert "| capline transformer_lm, mean of 2 seeds | | 1.8900 |" in text
+    checks = {f.name: f for f in figures({"char": char})}
+    assert checks["char: capline val loss"].value == 1.89 and checks["char: capline val loss"].ok  # the mean
+    assert checks["char: capline bias false val loss"].ok is False

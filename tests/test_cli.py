@@ -2,6 +2,7 @@
 
 import functools
 import http.server
+import os
 import subprocess
 import sys
 import threading
@@ -115,3 +116,72 @@ def test_reproduce_names_an_ambiguous_or_unknown_run_id_start(tmp_path: Path):
         tracking.resolve_run_id(uri, "capline", "zz")
     with pytest.raises(ValueError, match=r"run id '': 2 runs \("):
         tracking.resolve_run_id(uri, "capline", "")
+
+
+# ---- `capline runs` / `capline reproduce` as a user runs them: the installed console script, 80 columns
+
+CAPLINE = str(Path(sys.executable).parent / "capline")
+OUTCOMES = ("completed", "early_stopped", "early_stopped", "errored")
+
+
+def capline(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k != "CAPLINE_DEBUG"}, "COLUMNS": "80"}
+    return subprocess.run([CAPLINE, *args, "--params", PARAMS], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def sweep_store(tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """A store with one lstm_lm sweep whose trials end as pipeline.tuning.records leaves them: ASHA's stops
+    FINISHED in MLflow with sweep.status early_stopped. The trials carry no `family` tag, so `capline reproduce`
+    stops right after finding the run (naming its whole id) instead of training."""
+    from pipeline import tracking
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    parent = tracking.create_run(uri, "capline", "sweep", tags={"capline.kind": "sweep", "family": "lstm_lm"})
+    trials = {}
+    for i, outcome in enumerate(OUTCOMES):
+        run = tracking.create_run(uri, "capline", f"trial {i}", tags={"ray.trial_id": f"a1b2c_0000{i}"},
+                                  parent_run_id=parent)
+        tracking.log_metrics(run, {"val/loss": 2.5 + i / 10})
+        tracking.log_params_flat(run, {"train.lstm_lm.lr": 0.0019883638792294106 * (i + 1),
+                                       "models.lstm_lm.cell": "gru"})
+        tracking.set_tags(run, {"sweep.status": outcome})
+        tracking.end_run("FAILED" if outcome == "errored" else "FINISHED", run)
+        trials[f"a1b2c_0000{i}"] = run
+    tracking.end_run("FINISHED", parent)
+    return uri, trials
+
+
+def test_runs_in_80_columns_shows_each_trials_outcome_and_an_id_reproduce_takes(sweep_store, tmp_path: Path):
+    uri, trials = sweep_store
+    shown = capline(tmp_path, "runs", "lstm_lm", "--set", f"tracking.uri={uri}")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in shown.stdout, shown.stdout  # nothing cut
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
+    rows = {row[0]: row[1:] for row in cells}  # trial -> run id, status, val/loss, lr, cell, dropout
+    assert [rows[t][1] for t in trials] == list(OUTCOMES)  # Tune's outcome, not MLflow's FINISHED
+    assert [rows[t][3] for t in trials] == ["0.001988", "0.003977", "0.005965", "0.007953"]  # lr, readable
+    assert all(run_id.startswith(rows[t][0]) and len(rows[t][0]) >= 8 for t, run_id in trials.items())
+    stopped = trials["a1b2c_00001"]
+    again = capline(tmp_path, "reproduce", rows["a1b2c_00001"][0], "--set", f"tracking.uri={uri}")  # as shown
+    assert (again.returncode, again.stderr) == (
+        1, f"capline: MLflow run {stopped} is not a capline trial (tag 'family' is None)\n")  # found: its whole id
+
+
+def test_reproduce_names_an_unknown_or_ambiguous_start_in_one_line(sweep_store, tmp_path: Path):
+    uri, trials = sweep_store
+    unknown = capline(tmp_path, "reproduce", "zz", "--set", f"tracking.uri={uri}")
+    assert (unknown.returncode, unknown.stderr) == (1, "capline: run id 'zz': no run of experiment 'capline' start "
+                                                       "with it; give more of the id (capline runs lists them)\n")
+    every = capline(tmp_path, "reproduce", "", "--set", f"tracking.uri={uri}")  # the start of all five runs
+    assert every.returncode == 1 and every.stderr.startswith("capline: run id '': 5 runs (")
+    assert every.stderr.count("\n") == 1 and "give more of the id" in every.stderr
+
+
+def test_runs_and_reproduce_leave_no_store_where_there_was_none(tmp_path: Path):
+    for args in (["runs"], ["reproduce", "abc123"]):  # with the default tracking.uri: sqlite:///mlflow.db
+        done = capline(tmp_path, *args)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert list(tmp_path.iterdir()) == [], args  # no mlflow.db, no mlartifacts/

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from pipeline.decoding import (
     beam_error_analysis,
     beam_search,
@@ -19,6 +18,7 @@ from pipeline.decoding import (
     sequence_logprob,
 )
 from pipeline.models.language_models import RNNLanguageModel, TransformerLanguageModel
+from pipeline.tokens import END_ID, PAD_ID, START_ID, UNK_ID
 
 V, N, D = 12, 5, 8
 A, B = 4, 5  # the two ordinary words of the hand-built bigram models

@@ -8,16 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline import decoding
 from pipeline.cli import app
-from pipeline.evaluation import evaluate
-from pipeline.inference import attention_strip, caption_images, generate, prompt_ids
+from pipeline.data.coco import read_captions
+from pipeline.data.tokenize import detokenize
+from pipeline.evaluation import evaluate, run_evaluation
+from pipeline.inference import caption_images, generate, prompt_ids
+from pipeline.metrics import caption_scores
 from pipeline.params import apply_overrides, load_params, validate_params
-from pipeline.training.fit import build_datamodule, build_module, checkpoint_path, load_module, train, vocabulary
+from pipeline.training.checkpoints import checkpoint_path, load_module
+from pipeline.training.fit import build_datamodule, build_module, train, vocabulary
 from tests.conftest import ROOT, overrides_under
 
 runner = CliRunner()
@@ -27,16 +30,24 @@ runner = CliRunner()
 def trained(prepared_params, tmp_path_factory) -> dict:
     """Each family trained for one tiny epoch; returns the params (as --set overrides) and checkpoints."""
     root = tmp_path_factory.mktemp("trained")
-    overrides = overrides_under(prepared_params, root)
+    overrides = {**overrides_under(prepared_params, root), "paths.evaluation": str(root / "evaluation")}
     p = load_params(ROOT / "params.yaml", overrides)
     for family in ("captioner", "lstm_lm", "transformer_lm"):
         train(p, family, logger=False)
     return {"params": p, "set": [f"{k}={json.dumps(v)}" for k, v in overrides.items()]}
 
 
-def test_evaluate_captioner_metrics(trained):
+def test_evaluate_captioner_metrics_and_the_captions_kept_for_the_report(trained, monkeypatch):
     p = trained["params"]
-    m = evaluate(p, "captioner", checkpoint_path(p, "captioner"))
+    scored: dict[int, str] = {}
+
+    def spy(refs, hyps, **kwargs):
+        scored.update(hyps)
+        return caption_scores(refs, hyps, **kwargs)
+
+    monkeypatch.setattr("pipeline.evaluation.caption_scores", spy)
+    result = run_evaluation(p, "captioner", checkpoint_path(p, "captioner"))
+    m, shown = result.metrics, result.examples
     for key in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "nltk_bleu_4"):
         assert 0.0 <= m[key] <= 10.0, key
     assert m["beam_size"] == p.evaluate.beam_size and m["images"] == p.prepare_coco.split.test
@@ -46,16 +57,40 @@ def test_evaluate_captioner_metrics(trained):
         assert 0.0 <= m[key] <= 10.0, key
     assert m["captions_with_unk"] == 0 and 0 <= m["captions_with_repeated_3gram"] <= m["images"]
 
+    # the report's captions: the first report.test_images images, exactly as the scores above decoded them
+    records = read_captions(Path(p.paths.coco) / "test" / "captions.jsonl")
+    assert [ex.image_index for ex in shown.images] == list(range(p.report.test_images))
+    for ex in shown.images:
+        assert " ".join(ex.words) == scored[ex.image_index] and ex.caption == detokenize(ex.words)
+        record = records[ex.image_index]
+        assert (ex.image_id, ex.file_name) == (record["image_id"], record["file_name"])
+        assert ex.references == [detokenize(c) for c in record["captions"]]
+    assert shown.decoding == {"beam_size": p.evaluate.beam_size, "alpha": p.evaluate.alpha,
+                              "no_repeat_ngram": p.evaluate.no_repeat_ngram}
+    assert (shown.arch, shown.attends) == ("show_attend_tell", True)
+    kept = p.report.attention_images
+    assert all(ex.attention is None for ex in shown.images[kept:])  # only report.attention_images of them
+    for ex in shown.images[:kept]:
+        att = ex.attention
+        assert att.dtype == np.float16 and att.shape[0] >= len(ex.words)  # (T, N), T = words (+1 for <end>)
+        np.testing.assert_allclose(att.astype(np.float32).sum(axis=1), 1.0, atol=1e-2)  # softmax over positions
+
 
 @pytest.mark.parametrize("family", ["lstm_lm", "transformer_lm"])
-def test_evaluate_language_model_metrics(trained, family):
+def test_evaluate_language_model_metrics_and_samples(trained, family):
     p = trained["params"]
-    m = evaluate(p, family, checkpoint_path(p, family))
+    result = run_evaluation(p, family, checkpoint_path(p, family))
+    m = result.metrics
+    assert m == evaluate(p, family, checkpoint_path(p, family))  # the scores alone, as bench/ reads them
     assert m["level"] == "char" and m["tokens"] > 0
     assert m["perplexity"] == pytest.approx(np.exp(m["test_loss"]))
     assert m["bits_per_char"] == pytest.approx(m["test_loss"] / np.log(2))
-    vocab_size = len(load_module(family, checkpoint_path(p, family)).vocab_tokens)
-    assert 0 < m["unigram_bits_per_char"] < np.log2(vocab_size) + 1
+    module = load_module(family, checkpoint_path(p, family))
+    assert 0 < m["unigram_bits_per_char"] < np.log2(len(module.vocab_tokens)) + 1
+    samples = result.examples  # seeded: what `capline generate` gives with these settings
+    assert (samples.prompt, samples.length, samples.seed) == (p.report.prompt, p.evaluate.sample_length, p.seed)
+    assert samples.samples == [(t, generate(module, p.report.prompt, p.evaluate.sample_length, t, seed=p.seed))
+                               for t in p.evaluate.temperatures]
 
 
 def test_caption_images_from_files(trained, prepared_params, tmp_path):
@@ -73,15 +108,6 @@ def test_caption_images_from_files(trained, prepared_params, tmp_path):
         caption_images(module, [bad], beam_size=2, alpha=0.7)
 
 
-def test_attention_strip_has_one_panel_per_word():
-    image = np.zeros((3, 32, 32), dtype=np.uint8)
-    attention = torch.softmax(torch.randn(3, 16), dim=-1)  # two words + <end>, a 4x4 grid
-    strip = attention_strip(image, ["red", "circle"], attention, cell=40)
-    assert strip.size == (40 * 4, 58)
-    with pytest.raises(ValueError, match="not a square grid"):
-        attention_strip(image, ["a"], torch.rand(2, 15))
-
-
 def test_generate_text_continues_the_prompt(trained):
     p = trained["params"]
     module = load_module("lstm_lm", checkpoint_path(p, "lstm_lm"))
@@ -97,6 +123,8 @@ def test_cli_evaluate_caption_generate(trained, prepared_params, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((Path(trained["params"].paths.metrics) / "evaluate_lstm_lm.json").read_text())
     assert {"test_loss", "perplexity", "bits_per_char", "unigram_bits_per_char"} <= set(metrics)
+    samples = json.loads((Path(trained["params"].paths.evaluation) / "lstm_lm" / "samples.json").read_text())
+    assert [s["temperature"] for s in samples["samples"]] == trained["params"].evaluate.temperatures
     image = sorted((Path(prepared_params.paths.sample) / "images").glob("*.jpg"))[0]
     result = runner.invoke(app, ["caption", str(image), "--beam", "2", "--attention-out", str(tmp_path), *sets])
     assert result.exit_code == 0, result.output

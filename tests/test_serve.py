@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.inference import caption_bytes
 from pipeline.params import Params
-from pipeline.training.fit import load_module
+from pipeline.training.checkpoints import load_module
 from stages import train as train_stage
 from tests.conftest import ROOT, params_under
 

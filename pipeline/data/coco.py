@@ -378,6 +378,13 @@ def _write_captions(path: Path, records: list[ImageRecord]) -> int:
     return sum(len(r.tokens) for r in records)
 
 
+def caption_lengths(records: list[ImageRecord]) -> dict[str, int]:
+    """Percentiles of the captions' lengths in tokens, <end> included (what models.captioner.max_len counts)."""
+    lengths = np.array([len(t) + 1 for r in records for t in r.tokens] or [1])
+    p50, p95, p99 = (int(np.ceil(np.percentile(lengths, q))) for q in (50, 95, 99))
+    return {"p50": p50, "p95": p95, "p99": p99, "max": int(lengths.max())}
+
+
 def read_captions(path: Path, rows: int | None = None) -> list[dict[str, Any]]:
     """captions.jsonl records, checked: one per image row (`rows` of them when given), in row order."""
     records = []
@@ -425,6 +432,7 @@ def prepare_coco(out_dir: str | Path, annotations: str | Path, images: str | Pat
     streams = plan_splits(checked[0], checked[1] if len(checked) > 1 else None, val, test, seed)
     decoded = sum(len(items) for items, _ in streams)
     counts: dict[str, dict[str, int]] = {}
+    train_lengths: dict[str, int] = {}
     limits = ImageLimits(max_image_bytes, max_image_pixels)
     start = time.perf_counter()
     # the staging file lives in the output's temporary folder: whatever kills this run, nothing is left elsewhere
@@ -437,6 +445,8 @@ def prepare_coco(out_dir: str | Path, annotations: str | Path, images: str | Pat
             for split, rows in kept.items():
                 caps = _write_captions(tmp / split / "captions.jsonl", [items[i] for i in rows])
                 counts[split] = {"images": len(rows), "captions": caps}
+                if split == "train":
+                    train_lengths = caption_lengths([items[i] for i in rows])
         seconds = time.perf_counter() - start
         if counts["train"]["images"] == 0:
             raise CocoDataError("no training images left after skipping bad ones")
@@ -444,7 +454,7 @@ def prepare_coco(out_dir: str | Path, annotations: str | Path, images: str | Pat
                  for name in ("images.npy", "captions.jsonl")}
         write_json(tmp / "manifest.json", {"image_size": image_size, "layout": "NCHW uint8 RGB",
                                            "seed": seed, "splits": {s: counts[s] for s in SPLITS},
-                                           "sha256": files})
+                                           "train_caption_tokens": train_lengths, "sha256": files})
     if skips.images or skips.captions:
         log.warning("skipped %d images and %d captions:\n%s", skips.images, skips.captions, skips.describe())
     return {
@@ -452,7 +462,7 @@ def prepare_coco(out_dir: str | Path, annotations: str | Path, images: str | Pat
         "captions": sum(c["captions"] for c in counts.values()),
         "skipped": dict(skips.counts), "skipped_images": skips.images, "skipped_captions": skips.captions,
         "skipped_fraction": skips.images / max(total, 1), "images_in": total, "captions_truncated": truncated,
-        "splits": {s: counts[s]["images"] for s in SPLITS},
+        "splits": {s: counts[s]["images"] for s in SPLITS}, "train_caption_tokens": train_lengths,
         "split_captions": {s: counts[s]["captions"] for s in SPLITS},
         "image_size": image_size, "check_seconds": round(check_seconds, 3), "seconds": round(seconds, 3),
         "images_per_second": round(decoded / max(seconds, 1e-9), 2), "workers": decoder.workers,

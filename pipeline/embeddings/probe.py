@@ -6,7 +6,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.data.vocab import SPECIALS, Vocabulary
+from pipeline.data.vocab import Vocabulary
+from pipeline.tokens import SPECIALS
 
 FIRST_WORD = len(SPECIALS)  # specials are never offered as neighbours
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.vocab import END_ID, SPECIALS
+from pipeline.tokens import END_ID, SPECIALS
 
 log = logging.getLogger(__name__)
 

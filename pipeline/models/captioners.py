@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.data.vocab import PAD_ID
 from pipeline.models.attention import SoftAttention, doubly_stochastic_penalty, sinusoid_1d, sinusoid_2d
 from pipeline.models.encoders import ImageEncoder, build_encoder
 from pipeline.params import CaptionerParams
+from pipeline.tokens import PAD_ID
 
 logger = logging.getLogger(__name__)
 

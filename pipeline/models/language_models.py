@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.data.vocab import PAD_ID
+from pipeline.tokens import PAD_ID
 
 if TYPE_CHECKING:
     from pipeline.params import LstmLmParams, TransformerLmParams
@@ -119,13 +119,13 @@ def sinusoidal_positions(length: int, dim: int) -> Tensor:
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where position t sees positions <= t."""
 
-    def __init__(self, d_model: int, heads: int, dropout: float):
+    def __init__(self, d_model: int, heads: int, dropout: float, bias: bool = True):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
         self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.proj.residual = True  # marks the GPT-2 scaled initialisation
         self.drop = nn.Dropout(dropout)
 
@@ -141,31 +141,47 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, d_model: int, heads: int, ff_size: int, dropout: float):
+    def __init__(self, d_model: int, heads: int, ff_size: int, dropout: float, bias: bool = True):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, heads, dropout)
-        out = nn.Linear(ff_size, d_model)
+        self.ln1, self.ln2 = nn.LayerNorm(d_model, bias=bias), nn.LayerNorm(d_model, bias=bias)
+        self.attn = CausalSelfAttention(d_model, heads, dropout, bias)
+        out = nn.Linear(ff_size, d_model, bias=bias)
         out.residual = True
-        self.mlp = nn.Sequential(nn.Linear(d_model, ff_size), nn.GELU(), out, nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(d_model, ff_size, bias=bias), nn.GELU(), out, nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
 
+POSITIONS = ("learned", "sinusoidal")
+
+
 class TransformerLanguageModel(nn.Module):
-    """Causal decoder-only transformer; the output head is tied to the token embedding."""
+    """Causal decoder-only transformer; the output head is tied to the token embedding.
+
+    positions: "learned" (GPT-2, nanoGPT): a trained (context, D) table, N(0, 0.02) like the token embedding,
+    added to the unscaled token embedding; "sinusoidal" (Vaswani et al. 2017): fixed sin/cos added to the token
+    embedding scaled by sqrt(D), so that the N(0, 0.02) embedding is not drowned by the unit-amplitude sinusoids.
+    At nanoGPT's char recipe the learned table reaches a 0.04 nats lower val loss (BENCHMARKS.md, "Side by
+    side"). bias: biases in every Linear and LayerNorm (GPT-2 has them; nanoGPT's recipes drop them).
+    """
 
     def __init__(self, vocab_size: int, d_model: int, layers: int, heads: int, ff_size: int,
-                 dropout: float, context: int, embeddings: np.ndarray | None = None):
+                 dropout: float, context: int, embeddings: np.ndarray | None = None,
+                 positions: str = "learned", bias: bool = True):
         super().__init__()
-        self.context, self.d_model = context, d_model
+        if positions not in POSITIONS:
+            raise ValueError(f"positions: expected one of {POSITIONS}, got {positions!r}")
+        self.context, self.d_model, self.positions = context, d_model, positions
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.register_buffer("positions", sinusoidal_positions(context, d_model), persistent=False)
+        if positions == "learned":
+            self.position = nn.Embedding(context, d_model)  # a table read by slicing: row t is position t
+        else:
+            self.register_buffer("sinusoids", sinusoidal_positions(context, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, heads, ff_size, dropout) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d_model)
+        self.blocks = nn.ModuleList(Block(d_model, heads, ff_size, dropout, bias) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d_model, bias=bias)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied output head (Press & Wolf 2017)
         self._init_weights(layers)
@@ -189,9 +205,10 @@ class TransformerLanguageModel(nn.Module):
         t = inputs.shape[1]
         if t > self.context:
             raise ValueError(f"sequence of {t} tokens is longer than the context ({self.context})")
-        # Scale tokens by sqrt(d) (Vaswani et al.) so the N(0, 0.02) embedding is not drowned by
-        # the unit-amplitude sinusoids.
-        x = self.embed(inputs) * math.sqrt(self.d_model) + self.positions[:t]  # (B, T, D)
+        if self.positions == "learned":
+            x = self.embed(inputs) + self.position.weight[:t]  # (B, T, D)
+        else:
+            x = self.embed(inputs) * math.sqrt(self.d_model) + self.sinusoids[:t]  # (B, T, D)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
@@ -221,11 +238,12 @@ def build_language_model(family: str, section: LstmLmParams | TransformerLmParam
     if section.pretrained_embeddings != (embeddings is not None):
         raise ValueError(f"models.{family}.pretrained_embeddings is {section.pretrained_embeddings} "
                          f"but embeddings were {'not ' if embeddings is None else ''}given")
-    if family == "lstm_lm" and isinstance(section, LstmLmParams):
+    if isinstance(section, LstmLmParams):
         return RNNLanguageModel(vocab_size, section.embed_size, section.hidden_size, section.layers,
                                 section.dropout, section.cell, section.tie_weights, embeddings)
-    if family == "transformer_lm" and isinstance(section, TransformerLmParams):
+    if isinstance(section, TransformerLmParams):
         return TransformerLanguageModel(vocab_size, section.d_model, section.layers, section.heads,
-                                        section.ff_size, section.dropout, section.context, embeddings)
-    raise ValueError(f"family {family!r} with a {type(section).__name__} section: expected "
-                     f"'lstm_lm' with LstmLmParams or 'transformer_lm' with TransformerLmParams")
+                                        section.ff_size, section.dropout, section.context, embeddings,
+                                        positions=section.positions, bias=section.bias)
+    raise ValueError(f"models.{family}: a {type(section).__name__} section builds no language model; "
+                     "expected LstmLmParams or TransformerLmParams")

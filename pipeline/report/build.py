@@ -1,7 +1,8 @@
 """Gather the report's inputs from the pipeline's outputs and build its sections, one step at a time.
 
-Every part copes with missing inputs (no sweep yet, no trained model, no MLflow run): its section says
-what to run instead of failing. The same inputs give the same sections (seeded samples, beam search).
+Every part copes with missing inputs (no sweep yet, no evaluation, no MLflow run): its section says
+what to run instead of failing. Nothing here decodes or loads a model: test captions, attention maps and
+samples are those evaluate@<family> wrote (pipeline/report/examples.py), so the same inputs give the same page.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.families import FAMILIES, LANGUAGE_MODELS
 from pipeline.params import Params
 from pipeline.redact import redact
 from pipeline.report.blocks import Section, missing
+from pipeline.report.examples import examples_dir, read_caption_examples, read_samples
 from pipeline.report.figures import FigureSink, LogFigure, pca_2d
 from pipeline.report.sections import (
     LanguageModelData,
@@ -28,18 +31,17 @@ from pipeline.report.sections import (
     sweeps_section,
 )
 from pipeline.report.sources import (
-    caption_test_images,
+    captioned_images,
     dvc_metrics_diff,
     frequent_words,
     metrics_files,
     read_curve,
+    read_metrics,
     read_optional_json,
 )
-from pipeline.training.fit import FAMILIES, MONITOR, checkpoint_path, load_module
 
 log = logging.getLogger(__name__)
 
-LANGUAGE_MODELS = ("lstm_lm", "transformer_lm")
 OWN_METRICS = "report.json"  # the report's own metrics file: never shown (it would depend on the last report)
 
 
@@ -67,16 +69,14 @@ class ReportBuilder:
         return metrics_section(metrics_files(self.metrics_dir, exclude=(OWN_METRICS,)), diff, note)
 
     def captioner(self) -> Section:
-        ckpt = checkpoint_path(self.p, "captioner")
-        if not ckpt.is_file():
-            return captioner_section(None, f"No trained captioner at {ckpt} (run: dvc repro train@captioner).",
-                                     None, "", 0, self.sink, None)
-        module = load_module("captioner", ckpt)
-        r, e = self.p.report, self.p.evaluate
-        captions = caption_test_images(module, Path(self.p.paths.coco), r.test_images, e.beam_size, e.alpha,
-                                       e.no_repeat_ngram)
-        return captioner_section(captions, "", self._json("evaluate_captioner.json"), module.model_cfg.arch,
-                                 r.attention_images, self.sink, self.run_id("captioner"))
+        folder = examples_dir(self.p, "captioner")
+        examples = read_caption_examples(folder)
+        if examples is None:
+            return captioner_section(None, f"No test captions in {folder} yet (run: dvc repro evaluate@captioner).",
+                                     None, "", False, self.sink, None)
+        captions = captioned_images(examples.images, Path(self.p.paths.coco) / "test" / "images.npy")
+        return captioner_section(captions, "", self._json("evaluate_captioner.json"), examples.arch,
+                                 examples.attends, self.sink, self.run_id("captioner"))
 
     def curves(self) -> Section:
         curves = {f: read_curve(self.metrics_dir / f"curve_{f}.csv") for f in FAMILIES}
@@ -86,20 +86,17 @@ class ReportBuilder:
         return sweeps_section([self._sweep(f) for f in FAMILIES], self.sink)
 
     def _sweep(self, family: str) -> SweepData:
-        monitor, mode = MONITOR[family]
-        summary = self._json(f"sweep_{family}.json")
+        monitor, mode = FAMILIES[family].monitor, FAMILIES[family].mode
+        summary = read_metrics(self.metrics_dir, f"sweep_{family}.json")  # its timings too (metrics/timings/)
         data = SweepData(family, monitor, mode, dict(getattr(self.p.sweep, family).space), summary, None)
         if summary is not None:
             data.trials, data.why_no_trials = sweep_trials(self.p.tracking.uri, summary.get("parent_run_id"))
         return data
 
     def language_models(self) -> Section:
-        models = []
-        for family in LANGUAGE_MODELS:
-            ckpt = checkpoint_path(self.p, family)
-            samples = lm_samples(self.p, family, ckpt) if ckpt.is_file() else None
-            models.append(LanguageModelData(family, self._json(f"evaluate_{family}.json"), samples))
-        return language_models_section(models, self.p.report.prompt)
+        models = [LanguageModelData(f, self._json(f"evaluate_{f}.json"), read_samples(examples_dir(self.p, f)))
+                  for f in LANGUAGE_MODELS]
+        return language_models_section(models)
 
     def embeddings(self) -> Section:
         summary = self._json("embeddings.json")
@@ -110,15 +107,6 @@ class ReportBuilder:
                                         self.p.report.projection_words)
         points = pca_2d(vectors) if len(words) >= 2 else None
         return embeddings_section(summary, words, points, self.sink, self.report_run_id)
-
-
-def lm_samples(p: Params, family: str, checkpoint: Path) -> list[tuple[float, str]]:
-    """One seeded sample per evaluate.temperatures, continuing report.prompt for evaluate.sample_length tokens."""
-    from pipeline.inference import generate
-
-    module = load_module(family, checkpoint)
-    return [(t, generate(module, p.report.prompt, p.evaluate.sample_length, t, seed=p.seed))
-            for t in p.evaluate.temperatures]
 
 
 def sweep_trials(uri: str, parent_run_id: str | None) -> tuple[list[dict[str, Any]] | None, str]:

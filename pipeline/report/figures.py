@@ -53,6 +53,33 @@ def image_figure(image: np.ndarray) -> Any:
     return fig
 
 
+def attention_strip(image: np.ndarray, words: list[str], attention: np.ndarray, cell: int = 128) -> np.ndarray:
+    """The image, then one panel per word lit by its attention map (Xu et al. Fig. 2 style), as (H, W, 3) uint8.
+
+    image: (3, S, S) uint8; attention: (T, N) over a square grid of N encoder positions, T = words (+1 for <end>).
+    """
+    from PIL import Image, ImageDraw
+
+    steps, n = attention.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"attention over {n} positions is not a square grid")
+    base = Image.fromarray(image.transpose(1, 2, 0)).resize((cell, cell), Image.Resampling.BICUBIC)
+    labels = ["", *words, "<end>"][: steps + 1]
+    strip = Image.new("RGB", (cell * len(labels), cell + 18), "white")
+    strip.paste(base, (0, 0))
+    for t in range(len(labels) - 1):
+        alpha = attention[t].astype(np.float32).reshape(side, side)  # (side, side)
+        alpha = (alpha / max(float(alpha.max()), 1e-8) * 255).astype(np.uint8)  # the peak at full light
+        mask = Image.fromarray(alpha).resize((cell, cell), Image.Resampling.BILINEAR)
+        lit = Image.composite(base, Image.new("RGB", base.size, "black"), mask)
+        strip.paste(Image.blend(base, lit, 0.8), (cell * (t + 1), 0))
+    draw = ImageDraw.Draw(strip)
+    for t, word in enumerate(labels):
+        draw.text((cell * t + 4, cell + 3), word, fill="black")
+    return np.asarray(strip)
+
+
 def learning_curve_figure(family: str, rows: Sequence[dict[str, float]]) -> Any:
     """Train and validation loss per epoch; a second panel for val CIDEr when the curve has it."""
     extra = [c for c in ("val_cider",) if any(c in r for r in rows)]

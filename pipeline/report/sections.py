@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.tokenize import detokenize
 from pipeline.report.blocks import Example, Sample, Section, Table, Text, missing
+from pipeline.report.examples import LanguageModelSamples
 from pipeline.report.figures import (
     FigureSink,
+    attention_strip,
     image_figure,
     learning_curve_figure,
     parallel_coordinates_figure,
@@ -49,10 +50,8 @@ def _enlarged(image: np.ndarray) -> np.ndarray:
 
 
 def captioner_section(captions: Sequence[CaptionedImage] | None, why_missing: str, scores: dict | None,
-                      arch: str, attention_images: int, sink: FigureSink, run_id: str | None) -> Section:
-    """Test images: beam-search caption beside the references; per-word attention strips for show_attend_tell."""
-    from pipeline.inference import attention_strip
-
+                      arch: str, attends: bool, sink: FigureSink, run_id: str | None) -> Section:
+    """Test images: the caption evaluation scored beside the references; per-word attention strips when kept."""
     title = "Captioner: test images"
     if captions is None:
         return missing("captioner", title, why_missing)
@@ -64,15 +63,15 @@ def captioner_section(captions: Sequence[CaptionedImage] | None, why_missing: st
             rows.append(["nearest training image's caption", *(scores.get(f"nn_{k}") for k in shown)])
         blocks.append(Table("test-split scores (metrics/evaluate_captioner.json)", ["system", *shown], rows))
     for i, item in enumerate(captions):
-        image = sink(image_figure(_enlarged(item.image)), f"test image {item.image_id}",
+        ex = item.example
+        image = sink(image_figure(_enlarged(item.image)), f"test image {ex.image_id}",
                      f"report/captioner/test_{i}.png", run_id)
         strip = None
-        if item.attention is not None and i < attention_images:
-            pil = attention_strip(item.image, item.words, item.attention)
-            strip = sink(image_figure(np.asarray(pil)), f"attention of each word of: {detokenize(item.words)}",
-                         f"report/captioner/attention_{i}.png", run_id)
-        blocks.append(Example(f"image {item.image_id}", image, detokenize(item.words), item.references, strip))
-    if arch != "show_attend_tell":
+        if ex.attention is not None:
+            strip = sink(image_figure(attention_strip(item.image, ex.words, ex.attention)),
+                         f"attention of each word of: {ex.caption}", f"report/captioner/attention_{i}.png", run_id)
+        blocks.append(Example(f"image {ex.image_id} ({ex.file_name})", image, ex.caption, ex.references, strip))
+    if not attends:
         blocks.append(Text(f"No attention strips: arch {arch} has no per-word soft attention over the image."))
     return Section("captioner", title, blocks)
 
@@ -135,7 +134,7 @@ def sweep_blocks(data: SweepData, sink: FigureSink) -> list[Any]:
 
 def metric_vs_params(data: SweepData) -> Any:
     """The sweep's own summary figure (the one logged by the sweep), rebuilt from its trial records."""
-    from pipeline.tuning.results import TrialRecord, metric_figure, summarise
+    from pipeline.sweep_results import TrialRecord, metric_figure, summarise
 
     names = TrialRecord.__dataclass_fields__
     trials = [TrialRecord(**{k: v for k, v in t.items() if k in names}) for t in data.trials or []]
@@ -152,14 +151,14 @@ def sweeps_section(sweeps: Sequence[SweepData], sink: FigureSink) -> Section:
 
 @dataclass
 class LanguageModelData:
-    """One language model: test scores and samples (temperature, text) when trained."""
+    """One language model: its test scores and the samples evaluation drew from it, each None until written."""
 
     family: str
     scores: dict[str, Any] | None
-    samples: list[tuple[float, str]] | None
+    samples: LanguageModelSamples | None
 
 
-def language_models_section(models: Sequence[LanguageModelData], prompt: str) -> Section:
+def language_models_section(models: Sequence[LanguageModelData]) -> Section:
     """Perplexity and bits per character on the test split, and samples at several temperatures."""
     blocks: list[Any] = []
     for m in models:
@@ -170,9 +169,10 @@ def language_models_section(models: Sequence[LanguageModelData], prompt: str) ->
                                 [*shown, *(["bits / unigram bits"] if ratio is not None else [])],
                                 [[*(m.scores[k] for k in shown), *([ratio] if ratio is not None else [])]]))
         if m.samples is None:
-            blocks.append(Text(f"{m.family}: no trained model yet (run: dvc repro train@{m.family}).", note=True))
+            blocks.append(Text(f"{m.family}: no samples yet (run: dvc repro evaluate@{m.family}).", note=True))
             continue
-        blocks.extend(Sample(f"{m.family}, temperature {t:g}, prompt {prompt!r}", text) for t, text in m.samples)
+        blocks.extend(Sample(f"{m.family}, temperature {t:g}, prompt {m.samples.prompt!r}", text)
+                      for t, text in m.samples.samples)
     return Section("language-models", "Language models", blocks,
                    missing=all(m.samples is None and m.scores is None for m in models))
 

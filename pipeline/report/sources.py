@@ -1,4 +1,4 @@
-"""Read what the report shows: metrics files, learning curves, `dvc metrics diff`, model outputs."""
+"""Read what the report shows: metrics files, learning curves, `dvc metrics diff`, what evaluate@ wrote."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from pipeline import tracking
-from pipeline.data.tokenize import detokenize
-from pipeline.io import read_json
+from pipeline.io import read_json, timings_path
+from pipeline.params import flatten_keys
+from pipeline.report.examples import CaptionExample
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def read_curve(path: Path) -> list[dict[str, float]] | None:
 
 def flatten_numbers(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Numeric leaves of nested dicts as dotted keys (what `dvc metrics` shows); text and lists skipped."""
-    return {name: value for name, value in tracking.flatten(tree, prefix).items()
+    return {name: value for name, value in flatten_keys(tree, prefix).items()
             if isinstance(value, int | float) and not isinstance(value, bool)}
 
 
@@ -59,6 +58,22 @@ def metrics_files(metrics_dir: Path, exclude: tuple[str, ...] = ()) -> dict[str,
         return {}
     return {path.name: flatten_numbers(read_optional_json(path) or {})
             for path in sorted(metrics_dir.glob("*.json")) if path.name not in exclude}
+
+
+def read_metrics(metrics_dir: Path, name: str) -> dict[str, Any] | None:
+    """A stage's metrics file with its timings merged back (pipeline.io.write_metrics keeps them apart); None
+    when the stage has not run. For what the report shows beside results, e.g. a sweep's wall seconds."""
+    metrics = read_optional_json(metrics_dir / name)
+    timings = read_optional_json(timings_path(metrics_dir / name))
+    return metrics if metrics is None or timings is None else _merged(metrics, timings)
+
+
+def _merged(tree: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`tree` with `extra`'s leaves added at the same paths (nested dicts merged, not replaced)."""
+    out = dict(tree)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def dvc_metrics_diff(repo_dir: Path, timeout: float = 300.0) -> tuple[dict[str, dict] | None, str]:
@@ -85,44 +100,30 @@ def dvc_metrics_diff(repo_dir: Path, timeout: float = 300.0) -> tuple[dict[str, 
 
 @dataclass
 class CaptionedImage:
-    """One test image (3, S, S uint8), its beam-search words, its references and attention (T, N) if any."""
+    """A test image as evaluate@captioner captioned it, with its pixels (3, S, S uint8) from the prepared split."""
 
-    image_id: int
+    example: CaptionExample
     image: np.ndarray
-    words: list[str]
-    references: list[str]
-    attention: torch.Tensor | None
 
 
-def caption_test_images(module: Any, coco_dir: Path, count: int, beam_size: int, alpha: float,
-                        no_repeat_ngram: int) -> list[CaptionedImage]:
-    """Beam-search captions of the first `count` images of the prepared test split (as evaluate@ decodes them)."""
-    from pipeline.data.coco import read_captions
-    from pipeline.decoding import beam_search
-
-    path = coco_dir / "test" / "images.npy"
-    shard = np.load(path, mmap_mode="r")  # (N, 3, S, S) uint8
-    size = int(module.hparams["image_size"])
-    if shard.ndim != 4 or shard.shape[1] != 3 or shard.shape[2:] != (size, size):
-        raise ValueError(f"{path}: expected (N, 3, {size}, {size}) images for this captioner, got {shard.shape}")
-    records = read_captions(coco_dir / "test" / "captions.jsonl", shard.shape[0])
-    count = min(count, shard.shape[0])
-    if count == 0:
-        return []
-    images = np.array(shard[:count])  # (B, 3, S, S), a writable copy of the mapped file
-    with torch.no_grad():
-        memory = module.model.encode(torch.from_numpy(images).to(module.device))
-        result = beam_search(module.model, memory, count, beam_size, module.model_cfg.max_len, alpha, no_repeat_ngram)
-    attention = result.attention or [None] * count
-    vocab = module.vocab_tokens
-    return [CaptionedImage(rec["image_id"], images[i], [vocab[t] for t in result.tokens[i]],
-                           [detokenize(c) for c in rec["captions"]], attention[i])
-            for i, rec in enumerate(records[:count])]
+def captioned_images(examples: list[CaptionExample], shard: Path) -> list[CaptionedImage]:
+    """Each example with its pixels: row image_index of the prepared split's images.npy (data, not a model)."""
+    images = np.load(shard, mmap_mode="r")  # (N, 3, S, S) uint8
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{shard}: expected (N, 3, S, S) images, got {images.shape}")
+    out = []
+    for ex in examples:
+        if not 0 <= ex.image_index < images.shape[0]:
+            raise ValueError(f"{shard}: no row {ex.image_index} ({images.shape[0]} images): the captions are of "
+                             "other data (run: dvc repro evaluate@captioner)")
+        out.append(CaptionedImage(ex, np.array(images[ex.image_index])))  # a copy, not a view of the mapped file
+    return out
 
 
 def frequent_words(words_json: Path, matrix: np.ndarray, count: int) -> tuple[list[str], np.ndarray]:
     """The `count` most frequent words (the vocabulary is sorted by count) and their vectors (N, D)."""
-    from pipeline.data.vocab import SPECIALS, Vocabulary
+    from pipeline.data.vocab import Vocabulary
+    from pipeline.tokens import SPECIALS
 
     vocab = Vocabulary.load(words_json)
     if matrix.ndim != 2 or matrix.shape[0] != len(vocab):

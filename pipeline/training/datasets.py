@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.data.vocab import PAD_ID
+from pipeline.tokens import PAD_ID
 
 # Bucketed batching sorts pools of this many batches by caption length: large enough to cut most padding,
 # small enough that a batch still mixes captions from across the (shuffled) epoch.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import sys
 from pathlib import Path
@@ -14,18 +13,15 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
-from pipeline.data.features import check_manifest
 from pipeline.data.vocab import Vocabulary
+from pipeline.families import FAMILIES
+from pipeline.families import family as family_record
+from pipeline.io import read_json
 from pipeline.params import Params
 from pipeline.training.callbacks import EpochHistory, EpochLine, NonFiniteLossGuard, RNGStateCallback
+from pipeline.training.checkpoints import checkpoint_path, resume_from
 from pipeline.training.datamodules import CaptionDataModule, LanguageModelDataModule
-from pipeline.training.modules import CaptioningModule, LanguageModelModule
-
-log = logging.getLogger(__name__)
-
-FAMILIES = ("captioner", "lstm_lm", "transformer_lm")
-MONITOR = {"captioner": ("val/cider", "max"), "lstm_lm": ("val/loss", "min"),
-           "transformer_lm": ("val/loss", "min")}
+from pipeline.training.features import check_manifest
 
 
 @dataclasses.dataclass
@@ -46,14 +42,9 @@ class TrainResult:
         return dataclasses.asdict(self)
 
 
-def checkpoint_path(p: Params, family: str, which: str = "best") -> Path:
-    """Where `capline train` keeps a family's best/last checkpoint."""
-    return Path(p.paths.models) / family / f"{which}.ckpt"
-
-
 def vocabulary(p: Params, family: str) -> Vocabulary:
     """The vocabulary a family models: words for captions, chars or words for language models."""
-    level = "word" if family == "captioner" else getattr(p.models, family).level
+    level = getattr(getattr(p.models, family), "level", "word")  # a captioner's captions are words
     return Vocabulary.load(Path(p.paths.vocab) / ("words.json" if level == "word" else "chars.json"))
 
 
@@ -62,12 +53,25 @@ def pretrained_embeddings(p: Params, family: str) -> np.ndarray | None:
     section = getattr(p.models, family)
     if not section.pretrained_embeddings:
         return None
-    if family != "captioner" and section.level != "word":
+    if getattr(section, "level", "word") != "word":
         raise ValueError(f"models.{family}.pretrained_embeddings needs level: word (got {section.level})")
     path = Path(p.paths.embeddings) / "words.npy"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (run the embeddings stage: dvc repro embeddings)")
     return np.load(path)
+
+
+def caption_max_len(p: Params) -> int:
+    """models.captioner.max_len, with `auto` read as the 99th percentile of the training captions' lengths."""
+    max_len = p.models.captioner.max_len
+    if max_len != "auto":
+        return max_len
+    manifest = Path(p.paths.coco) / "manifest.json"
+    lengths = read_json(manifest).get("train_caption_tokens", {}) if manifest.is_file() else {}
+    if not isinstance(lengths.get("p99"), int):
+        raise ValueError(f"{manifest}: no train_caption_tokens.p99 for models.captioner.max_len: auto "
+                         "(rerun prepare_coco: dvc repro prepare_coco, or give max_len a number)")
+    return max(2, lengths["p99"])
 
 
 def run_params(p: Params, family: str) -> dict[str, Any]:
@@ -76,26 +80,37 @@ def run_params(p: Params, family: str) -> dict[str, Any]:
     train = p.train.model_dump()
     out: dict[str, Any] = {"seed": p.seed, "models": {family: getattr(p.models, family).model_dump()},
                            "train": {**{k: v for k, v in train.items() if k not in FAMILIES}, family: train[family]}}
-    if family == "captioner":
+    if family_record(family).captions:  # its validation decodes captions as evaluation does
         out["evaluate"] = {"no_repeat_ngram": p.evaluate.no_repeat_ngram}
     return out
+
+
+def data_paths(p: Params, family: str) -> list[str]:
+    """The prepared data a run of `family` reads, as build_datamodule and build_module read it: what its MLflow
+    run logs as dataset inputs (with their DVC hashes)."""
+    if family_record(family).captions:
+        paths = [p.paths.coco, p.paths.vocab, *([p.paths.features] if p.features.enabled else [])]
+    else:
+        paths = [p.paths.encoded, p.paths.vocab]
+    return paths + ([p.paths.embeddings] if getattr(p.models, family).pretrained_embeddings else [])
 
 
 def build_datamodule(p: Params, family: str, vocab: Vocabulary, use_features: bool = True) -> pl.LightningDataModule:
     """The data module of a family over the prepared data (a captioner's on pre-extracted features if enabled;
     use_features=False for evaluation, which runs the checkpoint's own encoder on the raw images)."""
-    cfg = getattr(p.train, family)
-    if family == "captioner":
+    cfg, fam = getattr(p.train, family), family_record(family)
+    if fam.captions:
         features = None
         if p.features.enabled and use_features:  # stale features (another encoder, other images) stop here
             check_manifest(p.paths.features, p.models.captioner, p.paths.coco, p.features.dtype)
             features = p.paths.features
-        return CaptionDataModule(p.paths.coco, vocab, cfg.batch_size, p.models.captioner.max_len,
+        return CaptionDataModule(p.paths.coco, vocab, cfg.batch_size, caption_max_len(p),
                                  p.train.num_workers, p.seed, bucket=p.train.bucket_by_length, features_dir=features,
                                  group_by_image=p.train.group_by_image)
     model = getattr(p.models, family)
-    seq_len = cfg.bptt if family == "lstm_lm" else model.context
-    mode = "stream" if family == "lstm_lm" else "windows"
+    # a carried RNN state needs one stream cut into bptt pieces; attention sees windows of its context
+    seq_len = cfg.bptt if fam.carries_state else model.context
+    mode = "stream" if fam.carries_state else "windows"
     return LanguageModelDataModule(p.paths.encoded, model.level, cfg.batch_size, seq_len, mode, p.seed,
                                    p.train.num_workers)
 
@@ -124,82 +139,15 @@ def build_module(p: Params, family: str, vocab: Vocabulary, dm: pl.LightningData
     check_epoch_fraction(p, family, dm)
     embeddings = pretrained_embeddings(p, family)
     model_cfg = getattr(p.models, family).model_dump()
+    if family_record(family).captions:  # the checkpoint keeps the number `auto` stood for: decoding needs no data
+        model_cfg["max_len"] = caption_max_len(p)
     train_cfg = getattr(p.train, family).model_dump()
-    if family == "captioner":
+    cls = family_record(family).lightning_module()
+    if family_record(family).captions:
         dm.setup("fit")
-        return CaptioningModule(model_cfg, train_cfg, vocab.tokens, dm.image_size, embeddings,
-                                p.evaluate.no_repeat_ngram)  # validation decodes as evaluation does
-    return LanguageModelModule(family, model_cfg, train_cfg, vocab.tokens, embeddings)
-
-
-def learning_curve(checkpoint: str | Path) -> list[dict[str, float]]:
-    """The per-epoch history stored in a checkpoint by EpochHistory (empty for foreign checkpoints)."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return list(ckpt.get("callbacks", {}).get("EpochHistory", {}).get("history", []))
-
-
-def load_module(family: str, checkpoint: str | Path, device: str = "cpu") -> pl.LightningModule:
-    """A trained module from a checkpoint (weights_only: checkpoints never unpickle code)."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no checkpoint (train first: capline train {family})")
-    checkpoint_step(checkpoint)  # a truncated or foreign file: an error naming it, not torch's zip message
-    cls = CaptioningModule if family == "captioner" else LanguageModelModule
-    module = cls.load_from_checkpoint(checkpoint, map_location=device, weights_only=True,
-                                      embeddings=embedding_placeholder(checkpoint))
-    return module.eval()
-
-
-def embedding_placeholder(checkpoint: Path) -> np.ndarray | None:
-    """Zeros (V, E) for a model trained from pretrained vectors: its own trained ones come from the state_dict."""
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    model = hparams.get("model", {})
-    if not model.get("pretrained_embeddings"):
-        return None
-    width = model.get("embed_size", model.get("d_model"))
-    return np.zeros((len(hparams["vocab_tokens"]), width), dtype=np.float32)
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The global step a Lightning checkpoint was saved at; ValueError naming the file when it is damaged."""
-    try:  # mmap: the check reads the archive's index, not every tensor
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated/corrupt/unsafe files raise RuntimeError, EOFError, UnpicklingError...
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or not isinstance(ckpt.get("global_step"), int):
-        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict or global_step)")
-    return ckpt["global_step"]
-
-
-def resume_from(p: Params, family: str, resume: bool | str | Path) -> str | None:
-    """The checkpoint to resume from: a given path (checked), or the newest readable of last/best.ckpt.
-
-    A damaged last.ckpt (e.g. cut short by a full disk or a kill during a copy) is skipped with a warning
-    naming it; best.ckpt, an earlier epoch, is then the previous good state. None: start afresh.
-    """
-    if resume is False:
-        return None
-    if resume is not True:
-        checkpoint_step(resume)
-        return str(resume)
-    good, bad = [], []
-    for path in (checkpoint_path(p, family, "last"), checkpoint_path(p, family, "best")):
-        if not path.is_file():
-            continue
-        try:
-            good.append((checkpoint_step(path), str(path)))
-        except ValueError as err:
-            log.warning("%s; falling back to the previous good checkpoint", err)
-            bad.append(str(err))
-    if not good and bad:
-        raise ValueError(f"cannot resume {family}: no readable checkpoint ({'; '.join(bad)}); "
-                         "train without --resume to start over")
-    if not good:
-        return None
-    step, path = max(good, key=lambda g: g[0])  # last.ckpt first: it wins a tie
-    if bad:
-        log.warning("resuming %s from %s (step %d)", family, path, step)
-    return path
+        return cls(model_cfg, train_cfg, vocab.tokens, dm.image_size, embeddings,
+                   p.evaluate.no_repeat_ngram)  # validation decodes as evaluation does
+    return cls(family, model_cfg, train_cfg, vocab.tokens, embeddings)
 
 
 def precision(p: Params) -> str:
@@ -217,8 +165,8 @@ def build_trainer(p: Params, family: str, logger: Any = None, callbacks: list | 
     Checkpoints go to `checkpoint_dir` (default: the family's folder under paths.models; a sweep trial
     passes its own scratch folder).
     """
-    cfg = getattr(p.train, family)
-    monitor, mode = MONITOR[family]
+    cfg, fam = getattr(p.train, family), family_record(family)
+    monitor, mode = fam.monitor, fam.mode
     folder = checkpoint_dir or checkpoint_path(p, family).parent
     best = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor, mode=mode, enable_version_counter=False)
     # Lightning 2.6's save_last writes last.ckpt only in epochs that improved the monitor; resuming needs every
@@ -227,15 +175,14 @@ def build_trainer(p: Params, family: str, logger: Any = None, callbacks: list | 
     history = EpochHistory(monitor)
     cbs = [best, last, NonFiniteLossGuard(f"lower train.{family}.lr or set train.{family}.clip_grad_norm"),
            RNGStateCallback(), history, *(callbacks or [])]
-    if not sys.stdout.isatty():  # a log file or `dvc repro`: plain lines instead of a progress bar
+    if not sys.stdout.isatty() or overrides.get("enable_progress_bar") is False:  # a log, `dvc repro`: plain lines
         cbs.append(EpochLine(f"train {family}", history))
         overrides.setdefault("enable_progress_bar", False)
     if cfg.early_stopping_patience:
         cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience))
     if logger:
         cbs.append(LearningRateMonitor(logging_interval="epoch"))
-    # a captioner's self-critical epochs come after its max_epochs of cross-entropy (a sweep trial's too)
-    epochs = cfg.max_epochs + (cfg.scst_epochs if family == "captioner" else 0)
+    epochs = fam.epochs(cfg)  # a captioner's self-critical epochs come after its max_epochs of cross-entropy
     kwargs: dict[str, Any] = {
         "accelerator": p.train.accelerator, "devices": p.train.devices, "precision": precision(p),
         "max_epochs": epochs, "limit_train_batches": cfg.epoch_fraction,
@@ -245,43 +192,28 @@ def build_trainer(p: Params, family: str, logger: Any = None, callbacks: list | 
     return pl.Trainer(**kwargs)
 
 
-def train(p: Params, family: str, *, resume: bool | str | Path = False, logger: bool = True,
+def train(p: Params, family: str, *, resume: bool | str | Path = False, logger: Any = None,
           **trainer_overrides: Any) -> TrainResult:
-    """Fit `family` from params.
+    """Fit `family` from params, logging to `logger` (a Lightning logger, e.g. the caller's MLflow run).
 
     `resume=True` continues from the family's last.ckpt when there is one (best.ckpt if last.ckpt is
     damaged; see resume_from); a path resumes from that checkpoint. Either way optimiser, scheduler, RNG
     states and the data position are restored.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    fam = family_record(family)
     ckpt_path = resume_from(p, family, resume)  # first: a damaged checkpoint stops the run before any work
     pl.seed_everything(p.seed, workers=True, verbose=False)
     vocab = vocabulary(p, family)
     dm = build_datamodule(p, family, vocab)
     module = build_module(p, family, vocab, dm)
-    mlf = None
-    if logger:
-        from pipeline import tracking  # only when tracking: GPU boxes without mlflow can still train
-
-        mlf = tracking.lightning_logger(p.tracking.uri, p.tracking.experiment, run_name=f"train-{family}",
-                                        tags={"family": family, "params_hash": tracking.params_hash(p.to_dict()),
-                                              **tracking.lineage_tags(Path.cwd())})
-        tracking.log_params_flat(mlf.run_id, run_params(p, family))
     if p.train.compile:
         module.model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
-    trainer = build_trainer(p, family, logger=mlf, **trainer_overrides)
+    trainer = build_trainer(p, family, logger=logger, **trainer_overrides)
     last = checkpoint_path(p, family, "last")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     ckpt_cb = trainer.checkpoint_callback
     best = str(checkpoint_path(p, family, "best")) if ckpt_cb.best_model_path else str(last)  # as params give it
-    run_id = mlf.run_id if mlf else None
-    if run_id and Path(best).is_file():
-        from pipeline import tracking
-
-        tracking.log_artifact(run_id, best, "checkpoints")
     score = ckpt_cb.best_model_score
     history = next(cb.history for cb in trainer.callbacks if isinstance(cb, EpochHistory))
-    return TrainResult(family, best, str(last), MONITOR[family][0],
-                       float(score) if score is not None else float("nan"),
-                       trainer.current_epoch, trainer.global_step, run_id, history)
+    return TrainResult(family, best, str(last), fam.monitor, float(score) if score is not None else float("nan"),
+                       trainer.current_epoch, trainer.global_step, getattr(logger, "run_id", None), history)

@@ -6,6 +6,7 @@ vocabulary size), so `load_from_checkpoint(path, weights_only=True)` needs nothi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,21 +14,17 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
+from torch.optim.lr_scheduler import LambdaLR
 
-from pipeline.data.vocab import PAD_ID, Vocabulary
+from pipeline.data.vocab import Vocabulary
 from pipeline.decoding import greedy
+from pipeline.families import family as family_record
 from pipeline.metrics import caption_scores
 from pipeline.models.captioners import build_captioner
 from pipeline.models.language_models import build_language_model, detach_state
-from pipeline.params import (
-    CaptionerParams,
-    CaptionerTrainParams,
-    LstmLmParams,
-    LstmLmTrainParams,
-    OptimParams,
-    TransformerLmParams,
-)
-from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.params import CaptionerParams, CaptionerTrainParams, OptimParams
+from pipeline.tokens import PAD_ID
+from pipeline.training.optim import build_optimizer, build_scheduler, lr_factor, warmup_steps
 from pipeline.training.scst import CiderD, sample_with_logprobs, scst_loss
 
 
@@ -49,6 +46,39 @@ def gather_dicts(part: dict) -> dict:
     return merged
 
 
+def exempt_from_weight_decay(module: torch.nn.Module) -> set[int]:
+    """ids of the parameters weight decay leaves alone: every tensor of fewer than two dimensions (biases,
+    LayerNorm/BatchNorm gains) and every nn.Embedding table (tokens, learned positions; a tied output head is
+    the token table, so it is exempt too). What decays are the weight matrices of Linear, convolution and
+    recurrent layers (Loshchilov & Hutter's AdamW applied as in minGPT)."""
+    exempt = {id(p) for p in module.parameters() if p.ndim < 2}
+    return exempt | {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+
+
+def split_weight_decay(groups: list[dict], exempt: set[int]) -> list[dict]:
+    """Each group as two: its decayed parameters, and its exempt ones with "weight_decay": 0.0; every other key
+    of the group (its own lr) goes with both, and an empty half is left out."""
+    out = []
+    for group in groups:
+        decayed = [p for p in group["params"] if id(p) not in exempt]
+        kept = [p for p in group["params"] if id(p) in exempt]
+        out += [{**group, "params": decayed}] if decayed else []
+        out += [{**group, "params": kept, "weight_decay": 0.0}] if kept else []
+    return out
+
+
+def floored_factor(cfg: OptimParams, steps_per_epoch: int, floor: float) -> Callable[[int], float]:
+    """lr_factor with its decay ending at `floor` x lr instead of 0: the warm-up as it is, then
+    floor + (1 - floor) x the decay (nanoGPT's cosine from lr to min_lr)."""
+    factor = lr_factor(cfg, steps_per_epoch)
+    warmup = warmup_steps(cfg, max(1, cfg.max_epochs * steps_per_epoch))
+
+    def floored(step: int) -> float:
+        return factor(step) if step < warmup else floor + (1.0 - floor) * factor(step)
+
+    return floored
+
+
 class _Optimised(pl.LightningModule):
     """Shared optimiser/scheduler set-up from a family's train section."""
 
@@ -57,10 +87,26 @@ class _Optimised(pl.LightningModule):
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
+    def optimizer_groups(self) -> list[dict]:
+        """param_groups() with train.<family>.weight_decay on weight matrices only (exempt_from_weight_decay);
+        at weight_decay 0 the groups as they are."""
+        groups = self.param_groups()
+        if self.train_cfg.weight_decay == 0:
+            return groups
+        return split_weight_decay(groups, exempt_from_weight_decay(self))
+
     def configure_optimizers(self) -> dict:
-        optimizer = build_optimizer(self.param_groups(), self.train_cfg, self.device.type)
+        optimizer = build_optimizer(self.optimizer_groups(), self.train_cfg, self.device.type)
         steps = max(1, int(self.trainer.estimated_stepping_batches) // max(1, self.trainer.max_epochs))
-        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.train_cfg, steps)}
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer, steps)}
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> dict:
+        """build_scheduler's per-step schedule; a cosine with a min_lr_fraction (train.transformer_lm) ends there."""
+        floor = getattr(self.train_cfg, "min_lr_fraction", 0.0)
+        if not floor or self.train_cfg.schedule != "cosine":
+            return build_scheduler(optimizer, self.train_cfg, steps_per_epoch)
+        return {"scheduler": LambdaLR(optimizer, floored_factor(self.train_cfg, steps_per_epoch, floor)),
+                "interval": "step"}
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -91,6 +137,8 @@ class CaptioningModule(_Optimised):
         super().__init__()
         self.save_hyperparameters(ignore=["embeddings"])
         self.model_cfg = CaptionerParams.model_validate(model)
+        if not isinstance(self.model_cfg.max_len, int):  # decoding needs the number (fit.caption_max_len)
+            raise ValueError(f"models.captioner.max_len: a number of tokens, got {self.model_cfg.max_len!r}")
         self.train_cfg = CaptionerTrainParams.model_validate(train)
         self.vocab_tokens = vocab_tokens
         self.vocab = Vocabulary(vocab_tokens)
@@ -240,14 +288,18 @@ class LanguageModelModule(_Optimised):
                  embeddings: np.ndarray | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["embeddings"])
-        section = LstmLmParams if family == "lstm_lm" else TransformerLmParams
-        self.model_cfg = section.model_validate(model)
-        self.train_cfg = (LstmLmTrainParams if family == "lstm_lm" else OptimParams).model_validate(train)
-        self.carry_state = family == "lstm_lm"
+        record = family_record(family)  # its own params sections, as its registered schemas type them
+        self.model_cfg = record.schema("models").model_validate(model)
+        self.train_cfg = record.schema("train").model_validate(train)
+        self.carry_state = record.carries_state
         self.vocab_tokens = vocab_tokens
         self.vocab = Vocabulary(vocab_tokens)
-        self.model = build_language_model(family, self.model_cfg, len(vocab_tokens), embeddings)
+        self.model = self.build_model(family, len(vocab_tokens), embeddings)
         self._state: dict[str, Any] = {"train": None, "val": None}
+
+    def build_model(self, family: str, vocab_size: int, embeddings: np.ndarray | None) -> torch.nn.Module:
+        """The network: (None, inputs (B, T), state) -> (logits (B, T, V), state). A plug-in family overrides it."""
+        return build_language_model(family, self.model_cfg, vocab_size, embeddings)
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         state = self._state[stage] if self.carry_state else None

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.data.vocab import END_ID, START_ID
 from pipeline.decoding import NEVER_GENERATED
+from pipeline.tokens import END_ID, START_ID
 
 Ngram = tuple[str, ...]
 

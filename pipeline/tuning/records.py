@@ -15,7 +15,7 @@ from pyarrow import fs as pafs
 from ray import tune
 
 from pipeline import tracking
-from pipeline.tuning.results import SweepResult, TrialRecord
+from pipeline.sweep_results import SweepResult, TrialRecord
 from pipeline.tuning.space import plain
 from pipeline.tuning.trial import CKPT_NAME, TrialContext
 

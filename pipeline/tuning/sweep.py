@@ -17,10 +17,12 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipeline import tracking
+from pipeline.families import FAMILIES
+from pipeline.families import family as family_record
 from pipeline.params import Params, SweepFamilyParams, apply_overrides, domain_values, validate_params
-from pipeline.training.fit import FAMILIES, MONITOR, build_datamodule, check_epoch_fraction, vocabulary
+from pipeline.sweep_results import SweepResult, metric_figure, summarise
+from pipeline.training.fit import build_datamodule, check_epoch_fraction, vocabulary
 from pipeline.tuning import records, state
-from pipeline.tuning.results import SweepResult, metric_figure, summarise
 from pipeline.tuning.space import search_space
 from pipeline.tuning.trial import TrialContext, metric_key, multi_worker_trial, single_worker_trial
 
@@ -64,7 +66,7 @@ def sweep_key(p: Params, family: str, lineage: dict[str, str]) -> str:
     key["train"] = {k: v for k, v in d["train"].items() if k not in FAMILIES or k == family}
     key["sweep"] = d["sweep"][family]
     data = ["coco", "text", "vocab", "encoded", "embeddings"]
-    if family == "captioner":  # only captioner trials read pre-extracted features and decode captions
+    if family_record(family).captions:  # only captioner trials read pre-extracted features and decode captions
         key["features"], data = d["features"], [*data, "features"]
         key["no_repeat_ngram"] = d["evaluate"]["no_repeat_ngram"]
     key["lineage"] = tracking.dvc_hashes_under(lineage, [d["paths"][k] for k in data])
@@ -187,18 +189,19 @@ def _trainable(ctx: TrialContext) -> Any:
 def trial_epochs(ctx: TrialContext) -> int:
     """The most epochs a trial runs: the sweep's max_epochs, then a captioner's self-critical epochs (the most
     its search space can give), which ASHA must let it reach."""
-    if ctx.family != "captioner":
+    extra = family_record(ctx.family).extra_epochs
+    if extra is None:
         return ctx.max_epochs
-    spec = ctx.base["sweep"]["captioner"]["space"].get("train.captioner.scst_epochs")
-    scst = ctx.base["train"]["captioner"]["scst_epochs"] if spec is None else \
-        max(domain_values(*next(iter(spec.items()))))
-    return ctx.max_epochs + int(scst)
+    spec = ctx.base["sweep"][ctx.family]["space"].get(f"train.{ctx.family}.{extra}")
+    most = ctx.base["train"][ctx.family][extra] if spec is None else max(domain_values(*next(iter(spec.items()))))
+    return ctx.max_epochs + int(most)
 
 
 def _tuner(ctx: TrialContext, s: SweepFamilyParams, path: str, seed: int) -> tune.Tuner:
     """A fresh Tuner at `path` (storage/name): seeded random search, ASHA on the monitor, a report per epoch."""
     storage, name = path.rsplit("/", 1)
-    monitor, mode = MONITOR[ctx.family]
+    fam = family_record(ctx.family)
+    monitor, mode = fam.monitor, fam.mode
     key = metric_key(monitor)
     scheduler = ASHAScheduler(time_attr="epoch", max_t=trial_epochs(ctx), grace_period=s.grace_period,
                               reduction_factor=s.reduction_factor)
@@ -244,8 +247,7 @@ def run_sweep(p: Params, family: str, *, address: str | None = None, resume: boo
     their last checkpoint, errored ones are retried) and a finished one is only read back; resume=False
     deletes the experiment and starts over.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    family_record(family)  # an unknown name stops here, naming the known ones
     started = time.time()
     s = getattr(p.sweep, family)
     root = str(Path.cwd())
@@ -315,7 +317,8 @@ def _run(ctx: TrialContext, s: SweepFamilyParams, path: str, seed: int, restore:
 
 
 def _result(ctx: TrialContext, s: SweepFamilyParams, path: str, seed: int, grid: Any, started: float) -> SweepResult:
-    monitor, mode = MONITOR[ctx.family]
+    fam = family_record(ctx.family)
+    monitor, mode = fam.monitor, fam.mode
     trials = records.trial_records(grid, ctx, metric_key(monitor), mode, seed)
     return summarise(ctx.family, monitor, mode, trials, experiment_path=path, parent_run_id=ctx.parent_run_id,
                      wall_seconds=time.time() - started, epochs_budget=s.num_samples * trial_epochs(ctx))

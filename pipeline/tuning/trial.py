@@ -28,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline import tracking
+from pipeline.families import family as family_record
 from pipeline.params import Params, apply_overrides, validate_params
 from pipeline.training import fit
 from pipeline.training.callbacks import NonFiniteLossError
@@ -102,6 +103,8 @@ def open_child(ctx: TrialContext, trial_id: str, p: Params) -> str:
             "node_id": ray.get_runtime_context().get_node_id()}
     run_id = tracking.create_run(ctx.uri, ctx.experiment, f"trial-{trial_id}", tags, ctx.parent_run_id)
     tracking.log_params_flat(run_id, fit.run_params(p, ctx.family))  # the searched keys are among them
+    for rid in (run_id, ctx.parent_run_id):  # the sweep's run reads what its trials read (each input kept once)
+        tracking.log_data_inputs(rid, ctx.lineage, fit.data_paths(p, ctx.family))
     return run_id
 
 
@@ -144,7 +147,7 @@ class EpochReport(pl.Callback):
     """
 
     def __init__(self, family: str, report: Report, rank: int, started: float) -> None:
-        self.monitor = fit.MONITOR[family][0]
+        self.monitor = family_record(family).monitor
         self.report, self.rank, self.started = report, rank, started
         self.startup: float | None = None
 
@@ -259,7 +262,8 @@ def multi_worker_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     started = time.time()
     trial_id = tune.get_context().get_trial_id()
     run_id = open_child(ctx, trial_id, ctx.params(config))
-    monitor, mode = fit.MONITOR[ctx.family]
+    fam = family_record(ctx.family)
+    monitor, mode = fam.monitor, fam.mode
     resources = {"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if ctx.use_gpu else {})}
     trainer = TorchTrainer(
         ddp_worker, train_loop_config={"ctx": ctx, "config": config, "run_id": run_id, "started": started},

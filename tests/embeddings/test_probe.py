@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.data.vocab import SPECIALS, Vocabulary
+from pipeline.data.vocab import Vocabulary
 from pipeline.embeddings.probe import analogy, nearest, normalise, probe
+from pipeline.tokens import SPECIALS
 
 VOCAB = Vocabulary([*SPECIALS, "a", "b", "c", "d", "e"])
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from pipeline.embeddings.skipgram import (
     NEGATIVE_POWER,
     SkipGramConfig,
@@ -18,6 +17,7 @@ from pipeline.embeddings.skipgram import (
     train_skipgram,
     word_counts,
 )
+from pipeline.tokens import END_ID, PAD_ID, START_ID, UNK_ID
 
 E, U = END_ID, UNK_ID
 

@@ -6,7 +6,8 @@ import pytest
 import pytorch_lightning as pl
 
 from pipeline.params import load_params
-from pipeline.training.fit import load_module, train
+from pipeline.training.checkpoints import load_module
+from pipeline.training.fit import train
 from stages import prepare_coco, prepare_text, vocab
 from tests.conftest import ROOT, tiny_overrides
 

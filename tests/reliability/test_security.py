@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.training.fit import learning_curve, load_module, train
+from pipeline.training.checkpoints import learning_curve, load_module
+from pipeline.training.fit import train
 from tests.conftest import ROOT, params_under
 
 SOURCES = sorted([*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").rglob("*.py")])

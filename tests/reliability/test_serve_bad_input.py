@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from pipeline.inference import caption_bytes
-from pipeline.training.fit import load_module
+from pipeline.training.checkpoints import load_module
 from tests.conftest import params_under
 from tests.test_serve import post, register_captioner, start_server, stop, wait_until_up
 

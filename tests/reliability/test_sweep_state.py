@@ -12,7 +12,7 @@ import pytest
 from pipeline import tracking
 from pipeline.tuning import run_sweep
 from pipeline.tuning.state import TAG_PREFIX, SweepStateError, recorded_digests, state_digests, verify
-from tests.test_tuning import FAMILY, local_ray, sweep_params  # noqa: F401 (local_ray: a fixture)
+from tests.tuning.test_sweep import FAMILY, local_ray, sweep_params  # noqa: F401 (local_ray: a fixture)
 
 
 class Payload:

@@ -19,7 +19,10 @@ import pytest
 import pytorch_lightning as pl
 from mlflow.exceptions import MlflowException
 
-from pipeline.training.fit import checkpoint_path, checkpoint_step, train
+from pipeline.training.checkpoints import checkpoint_path, checkpoint_step
+from pipeline.training.fit import train
+from stages import train as train_stage
+from stages.train import tracked_logger
 from tests.conftest import http_server, params_under
 
 FAMILY = "lstm_lm"
@@ -55,7 +58,7 @@ def test_an_unreachable_server_stops_training_before_it_starts(prepared_params, 
     uri = f"http://127.0.0.1:{closed_port()}"
     p = params_under(prepared_params, tmp_path, **{"tracking.uri": uri})
     with pytest.raises(ConnectionError, match=f"tracking.uri {uri}: MLflow server unreachable .*sqlite:///mlflow.db"):
-        train(p, FAMILY)
+        train_stage.run(p, FAMILY)  # `capline train`: its MLflow run is made before any step
     assert not checkpoint_path(p, FAMILY, "last").parent.exists()  # not one step trained
 
 
@@ -161,7 +164,7 @@ def test_a_server_lost_mid_run_stops_the_run_and_keeps_the_checkpoint(prepared_p
     p = params_under(prepared_params, tmp_path, **{"tracking.uri": uri, f"train.{FAMILY}.max_epochs": 2})
     # a new connection is refused; a kept-alive one the kill cut is reset: both say the server is gone
     with pytest.raises(MlflowException, match=f"API request to {uri}/.*(Connection refused|Connection reset by peer)"):
-        train(p, FAMILY, callbacks=[KillServer(proc)])
+        train(p, FAMILY, logger=tracked_logger(p, FAMILY), callbacks=[KillServer(proc)])
     last = checkpoint_path(p, FAMILY, "last")
     per_epoch = checkpoint_step(last)  # epoch 0's checkpoint is whole
     assert per_epoch > 0

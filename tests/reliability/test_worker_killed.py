@@ -17,7 +17,7 @@ import torch
 from pipeline import tracking
 from pipeline.training import fit
 from pipeline.tuning import run_sweep
-from tests.test_tuning import FAMILY, _result_rows, sweep_params, trial_params
+from tests.tuning.test_sweep import FAMILY, _result_rows, sweep_params, trial_params
 
 EPOCHS = 12  # long enough to kill a worker after the first checkpoint and before the end
 

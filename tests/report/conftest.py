@@ -7,17 +7,18 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
+from pipeline.families import FAMILIES
 from pipeline.io import write_json
 from pipeline.params import Params
-from pipeline.training.fit import FAMILIES, MONITOR
 from tests.conftest import params_under
 
 SWEPT = "lstm_lm"  # the family given a sweep; the others show "no sweep yet"
 
 
 def report_params(prepared: Params, root: Path, **overrides: object) -> Params:
-    """The session's prepared data; models, metrics, MLflow and the report under root."""
-    return params_under(prepared, root, **{"paths.reports": str(root / "reports"), **overrides})
+    """The session's prepared data; models, evaluations, metrics, MLflow and the report under root."""
+    return params_under(prepared, root, **{"paths.reports": str(root / "reports"),
+                                           "paths.evaluation": str(root / "evaluation"), **overrides})
 
 
 def log_a_sweep(p: Params, family: str) -> dict:
@@ -26,12 +27,12 @@ def log_a_sweep(p: Params, family: str) -> dict:
     Configurations come from the family's real search space (sample_config); one trial is stopped early
     by ASHA and one errored, as in a real sweep.
     """
+    from pipeline.sweep_results import summarise
     from pipeline.tuning import TrialRecord, sample_config
-    from pipeline.tuning.results import summarise
     from pipeline.tuning.sweep import log_summary
 
     space = dict(getattr(p.sweep, family).space)
-    monitor, mode = MONITOR[family]
+    monitor, mode = FAMILIES[family].monitor, FAMILIES[family].mode
     configs = sample_config(space, 5, seed=p.seed)
     statuses = ["completed", "early_stopped", "completed", "errored", "completed"]
     trials = [TrialRecord(f"t{i}", None, status, config, None if status == "errored" else 2.0 + 0.1 * i,

@@ -11,6 +11,7 @@ from PIL import Image
 
 from pipeline.report.figures import (
     FigureSink,
+    attention_strip,
     axis_position,
     image_figure,
     learning_curve_figure,
@@ -123,3 +124,17 @@ def test_the_sink_logs_only_figures_with_a_run_and_closes_every_figure():
     assert len(plt.get_fignums()) == before
     assert a.png.startswith(b"\x89PNG") and a.caption == "with run" and a.png != b.png
     assert a.data_uri.startswith("data:image/png;base64,iVBOR")
+
+
+def test_attention_strip_lights_each_word_where_it_attends():
+    image = np.full((3, 8, 8), 200, dtype=np.uint8)
+    attention = np.zeros((3, 4), dtype=np.float16)  # (T, N): two words + <end> over a 2x2 grid
+    attention[0, 0] = attention[1, 3] = attention[2, 1] = 1.0
+    strip = attention_strip(image, ["red", "circle"], attention, cell=40)
+    assert strip.shape == (40 + 18, 40 * 4, 3) and strip.dtype == np.uint8  # the image, then one panel per step
+    first = strip[:40, 40:80].astype(int)  # "red": attends to the top-left quarter only
+    assert first[:10, :10].mean() > first[30:, 30:].mean() + 100
+    second = strip[:40, 80:120].astype(int)  # "circle": the bottom-right quarter
+    assert second[30:, 30:].mean() > second[:10, :10].mean() + 100
+    with pytest.raises(ValueError, match="not a square grid"):
+        attention_strip(image, ["a"], np.ones((2, 15), dtype=np.float16))

@@ -1,10 +1,15 @@
-"""The report stage end to end on tiny trained models: every section, deterministic, figures in MLflow."""
+"""The report stage end to end on tiny trained models: every section, deterministic, figures in MLflow, and
+rendered from what evaluate@ wrote (no checkpoint, no model code)."""
 
 from __future__ import annotations
 
+import ast
 import html
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +18,10 @@ from pipeline import tracking
 from pipeline.data.coco import read_captions
 from pipeline.data.tokenize import detokenize
 from pipeline.inference import caption_images, generate
-from pipeline.training.fit import checkpoint_path, load_module
+from pipeline.report.examples import examples_dir, read_caption_examples
+from pipeline.training.checkpoints import checkpoint_path, load_module
 from stages import report as report_stage
+from tests.conftest import ROOT
 from tests.report.conftest import SWEPT, report_params
 
 SECTIONS = ("captioner", "curves", "sweeps", "language-models", "embeddings", "metrics")
@@ -43,7 +50,7 @@ def test_every_section_is_shown_and_the_page_is_self_contained(built):
                                                                      if k not in ignore}
 
 
-def test_captioned_test_images_match_the_models_beam_search_on_the_image_files(built):
+def test_captioned_test_images_are_evaluations_and_match_the_models_beam_search_on_the_image_files(built):
     p, _ = built
     part = section(page(p), "captioner")
     records = read_captions(Path(p.paths.coco) / "test" / "captions.jsonl")[: p.report.test_images]
@@ -53,6 +60,9 @@ def test_captioned_test_images_match_the_models_beam_search_on_the_image_files(b
                               no_repeat_ngram=p.evaluate.no_repeat_ngram)
     generated = [html.unescape(g) for g in re.findall(r"<strong>generated:</strong> (.*?)</p>", part)]
     assert generated == [c.text for c in expected]
+    written = read_caption_examples(examples_dir(p, "captioner"))  # what evaluate@captioner wrote and scored
+    assert generated == [ex.caption for ex in written.images]
+    assert [ex.file_name for ex in written.images] == [rec["file_name"] for rec in records]
     for rec in records:
         for caption in rec["captions"]:
             assert f"<li>{html.escape(detokenize(caption), quote=True)}</li>" in part  # as a reader writes it
@@ -117,8 +127,9 @@ def test_missing_parts_are_named_with_what_to_run(prepared_params, tmp_path):
     metrics = report_stage.run(p, repo_dir=tmp_path, progress=False)
     assert set(metrics["sections"].values()) == {"missing"}
     text = page(p)
-    for needed in ("dvc repro train@captioner", "dvc repro evaluate@lstm_lm", "dvc repro sweep@transformer_lm",
-                   "dvc repro train@lstm_lm", "dvc repro embeddings", "No metrics files yet"):
+    for needed in ("dvc repro evaluate@captioner", "dvc repro evaluate@lstm_lm", "dvc repro sweep@transformer_lm",
+                   "lstm_lm: no samples yet (run: dvc repro evaluate@lstm_lm)", "dvc repro embeddings",
+                   "No metrics files yet"):
         assert needed in text
     assert all(f'<section id="{s}" class="missing">' in text for s in SECTIONS)
 
@@ -132,3 +143,69 @@ def test_a_malformed_input_names_the_file_and_writes_nothing(prepared_params, tm
         report_stage.run(p, repo_dir=tmp_path, progress=False)
     assert not report_stage.report_path(p).exists()
     assert not (Path(p.paths.metrics) / "report.json").exists()
+
+
+def test_the_page_is_the_same_with_the_checkpoints_gone_and_no_model_code_runs(built, tmp_path):
+    """Everything shown comes from evaluate@'s files and the prepared data: without any model the page is equal,
+    and building it imports neither torch nor the code that decodes."""
+    p, _ = built
+    metrics = tmp_path / "metrics"
+    shutil.copytree(p.paths.metrics, metrics)
+    alone = report_params_like(p, **{"paths.models": str(tmp_path / "no-models"), "paths.metrics": str(metrics),
+                                     "paths.reports": str(tmp_path / "reports"), "report.log_to_mlflow": False})
+    assert not Path(alone.paths.models).exists()
+    (tmp_path / "params.json").write_text(json.dumps(alone.to_dict()))
+    code = ("import json, sys; from pipeline.params import validate_params; from stages import report; "
+            "shown = report.run(validate_params(json.load(open(sys.argv[1]))), repo_dir=sys.argv[2], progress=False); "
+            f"print(json.dumps([shown['sections'], sorted(m for m in sys.modules if m.startswith({MODEL_CODE!r}))]))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "params.json"), str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    sections, imported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sections == dict.fromkeys(SECTIONS, "shown")
+    assert imported == []
+    assert page(alone) == page(p)
+
+
+def report_params_like(p, **overrides: object):
+    """`p` with some keys changed (and validated again)."""
+    from pipeline.params import apply_overrides, validate_params
+
+    return validate_params(apply_overrides(p.to_dict(), overrides))
+
+
+def test_a_damaged_examples_file_names_itself(built, tmp_path):
+    p, _ = built
+    folder = tmp_path / "evaluation"
+    shutil.copytree(p.paths.evaluation, folder)
+    bad = folder / "lstm_lm" / "samples.json"
+    bad.write_text(json.dumps({"prompt": "The ", "samples": "not a list"}))
+    alone = report_params_like(p, **{"paths.evaluation": str(folder), "paths.reports": str(tmp_path / "reports"),
+                                     "paths.metrics": str(tmp_path / "metrics"), "report.log_to_mlflow": False})
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: not a samples file")):
+        report_stage.run(alone, repo_dir=tmp_path, progress=False)
+
+
+# Modules the report must not import: decoding, models, checkpoints and the evaluation that runs them.
+MODEL_CODE = ("torch", "pipeline.training", "pipeline.decoding", "pipeline.inference", "pipeline.evaluation",
+              "pipeline.models")
+
+
+def imports_of(path: Path) -> set[tuple[str, tuple[str, ...]]]:
+    """(module, names) of every import in a file, at any depth (lazy imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {(alias.name, ()) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add((node.module or "", tuple(sorted(alias.name for alias in node.names))))
+    return found
+
+
+@pytest.mark.parametrize("path", sorted([*(ROOT / "pipeline" / "report").glob("*.py"), ROOT / "stages" / "report.py"]),
+                         ids=lambda path: path.name)
+def test_the_report_imports_no_model_code(path):
+    rel = path.relative_to(ROOT).as_posix()
+    bad = sorted((module, names) for module, names in imports_of(path) if module.startswith(MODEL_CODE))
+    assert bad == [], f"{rel} imports model code: {bad}"
+    assert "load_module" not in path.read_text(encoding="utf-8")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from pipeline.report.blocks import Example, Figure, Sample, Section, Table, Text
+from pipeline.report.examples import CaptionExample, LanguageModelSamples
 from pipeline.report.figures import FigureSink
 from pipeline.report.html import fmt, render
 from pipeline.report.sections import (
@@ -43,36 +43,42 @@ def test_metrics_tables_with_and_without_a_diff():
 def captioned(attention: bool) -> list[CaptionedImage]:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
-    att = torch.softmax(torch.randn(4, 16), dim=1) if attention else None  # (T, N): 3 words + <end>
-    return [CaptionedImage(7, image, ["a", "red", "circle"], ["a red circle", "one red circle"], att)]
+    att = rng.dirichlet(np.ones(16), 4).astype(np.float16) if attention else None  # (T, N): 3 words + <end>
+    example = CaptionExample(3, 7, "000007.jpg", ["a", "red", "circle", "."], ["a red circle", "one red circle"],
+                             "a red circle.", att)
+    return [CaptionedImage(example, image)]
 
 
 def test_captioner_examples_with_attention_strips_and_their_mlflow_names():
     logged = []
     sink = FigureSink(lambda run, fig, name: logged.append((run, name)) or True)
     section = captioner_section(captioned(True), "", {"bleu_4": 0.5, "cider": 1.0, "other": 3}, "show_attend_tell",
-                                1, sink, "run1")
+                                True, sink, "run1")
     example = blocks_of(section, Example)[0]
-    assert (example.generated, example.references) == ("a red circle", ["a red circle", "one red circle"])
+    assert (example.generated, example.references) == ("a red circle.", ["a red circle", "one red circle"])
+    assert example.title == "image 7 (000007.jpg)"
     assert example.attention is not None and example.image.png.startswith(b"\x89PNG")
+    assert example.attention.caption == "attention of each word of: a red circle."
     assert blocks_of(section, Table)[0].columns == ["system", "bleu_4", "cider"]
     assert blocks_of(section, Table)[0].rows == [["model", 0.5, 1.0]]
     assert logged == [("run1", "report/captioner/test_0.png"), ("run1", "report/captioner/attention_0.png")]
-    no_strips = captioner_section(captioned(True), "", None, "show_attend_tell", 0, FigureSink(), None)
-    assert blocks_of(no_strips, Example)[0].attention is None
+    assert not blocks_of(section, Text)  # the model attends: nothing to explain
+    no_maps_kept = captioner_section(captioned(False), "", None, "show_attend_tell", True, FigureSink(), None)
+    assert blocks_of(no_maps_kept, Example)[0].attention is None and not blocks_of(no_maps_kept, Text)
 
 
 def test_captioner_scores_show_the_nearest_neighbour_baseline_beside_the_model():
     scores = {"bleu_4": 0.5, "cider": 1.0, "nn_bleu_4": 0.2, "nn_cider": 0.8}
-    (table,) = blocks_of(captioner_section(captioned(False), "", scores, "show_tell", 0, FigureSink(), None), Table)
+    (table,) = blocks_of(captioner_section(captioned(False), "", scores, "show_tell", False, FigureSink(), None),
+                         Table)
     assert table.rows == [["model", 0.5, 1.0], ["nearest training image's caption", 0.2, 0.8]]
 
 
 def test_captioner_without_attention_says_why_and_missing_model_says_what_to_run():
-    section = captioner_section(captioned(False), "", None, "show_tell", 3, FigureSink(), None)
+    section = captioner_section(captioned(False), "", None, "show_tell", False, FigureSink(), None)
     assert blocks_of(section, Example)[0].attention is None
     assert "arch show_tell has no per-word soft attention" in blocks_of(section, Text)[0].text
-    gone = captioner_section(None, "No trained captioner (run: dvc repro train@captioner).", None, "", 0,
+    gone = captioner_section(None, "No test captions yet (run: dvc repro evaluate@captioner).", None, "", False,
                              FigureSink(), None)
     assert gone.missing and blocks_of(gone, Text)[0].note
 
@@ -96,13 +102,14 @@ def test_sweeps_without_trials_show_the_summary_and_why():
 def test_language_models_show_scores_ratio_and_one_sample_per_temperature():
     scores = {"level": "char", "test_loss": 1.5, "perplexity": 4.48, "bits_per_char": 2.0,
               "unigram_bits_per_char": 4.0}
-    section = language_models_section([LanguageModelData("lstm_lm", scores, [(0.5, "ab"), (1.0, "cd")]),
-                                       LanguageModelData("transformer_lm", None, None)], "The ")
+    samples = LanguageModelSamples("The ", 2, 1, [(0.5, "The ab"), (1.0, "The cd")])
+    section = language_models_section([LanguageModelData("lstm_lm", scores, samples),
+                                       LanguageModelData("transformer_lm", None, None)])
     table = blocks_of(section, Table)[0]
     assert table.columns[-1] == "bits / unigram bits" and table.rows[0][-1] == 0.5
     assert [(s.label, s.text) for s in blocks_of(section, Sample)] == [
-        ("lstm_lm, temperature 0.5, prompt 'The '", "ab"), ("lstm_lm, temperature 1, prompt 'The '", "cd")]
-    assert "dvc repro train@transformer_lm" in blocks_of(section, Text)[0].text
+        ("lstm_lm, temperature 0.5, prompt 'The '", "The ab"), ("lstm_lm, temperature 1, prompt 'The '", "The cd")]
+    assert "transformer_lm: no samples yet (run: dvc repro evaluate@transformer_lm)" in blocks_of(section, Text)[0].text
 
 
 def test_embeddings_neighbours_and_projection():

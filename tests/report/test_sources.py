@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.report.sources import dvc_metrics_diff, flatten_numbers, frequent_words, metrics_files, read_curve
+from pipeline.io import write_metrics
+from pipeline.report.sources import (
+    dvc_metrics_diff,
+    flatten_numbers,
+    frequent_words,
+    metrics_files,
+    read_curve,
+    read_metrics,
+)
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
@@ -40,6 +48,25 @@ def test_metrics_files_keep_numeric_leaves_as_dotted_keys(tmp_path):
                                                                  "b.json": {"x": 1, "nested.y": 2.5}}
     assert flatten_numbers({"a": {"b": {"c": 3}}}) == {"a.b.c": 3}
     assert metrics_files(tmp_path / "none") == {}
+
+
+def test_metrics_section_shows_what_stages_compare_not_their_timings(tmp_path):
+    write_metrics(tmp_path / "prepare_coco.json", {"images": 8, "skipped": {"missing_file": 0, "empty_file": 1},
+                                                   "seconds": 2.0, "images_per_second": 4.0})
+    assert (tmp_path / "timings" / "prepare_coco.json").is_file()  # there, but not a metric of the report
+    assert metrics_files(tmp_path) == {"prepare_coco.json": {"images": 8, "skipped.empty_file": 1}}
+
+
+def test_read_metrics_gives_back_what_the_stage_wrote_timings_included(tmp_path):
+    written = {"trials": 4, "errored": 0, "best_config": {"models.x.layers": 0}, "wall_seconds": 92.7,
+               "splits": {"train": {"images": 8, "seconds": 1.5}}}
+    write_metrics(tmp_path / "sweep_lstm_lm.json", written)
+    assert "wall_seconds" not in json.loads((tmp_path / "sweep_lstm_lm.json").read_text())
+    assert read_metrics(tmp_path, "sweep_lstm_lm.json") == written  # the sweep table's wall seconds come back
+    (tmp_path / "timings" / "sweep_lstm_lm.json").unlink()  # a fresh clone: timings are not committed
+    assert read_metrics(tmp_path, "sweep_lstm_lm.json") == {k: v for k, v in written.items() if k != "wall_seconds"
+                                                           } | {"splits": {"train": {"images": 8}}}
+    assert read_metrics(tmp_path, "sweep_captioner.json") is None
 
 
 def test_frequent_words_skip_specials_and_untrained_rows(tmp_path):

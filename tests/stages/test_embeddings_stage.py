@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.vocab import SPECIALS, Vocabulary
+from pipeline.data.vocab import Vocabulary
 from pipeline.params import Params, ParamsError, validate_params
+from pipeline.tokens import SPECIALS
 from stages.embeddings import run
 
 CAPTIONS = [["a", "red", "circle", "on", "the", "left"], ["a", "small", "blue", "square"],

@@ -16,7 +16,8 @@ from tests.conftest import params_under
 
 
 def params_in(prepared_params, tmp_path: Path):
-    return params_under(prepared_params, tmp_path, **{"train.lstm_lm.max_epochs": 2})
+    return params_under(prepared_params, tmp_path, **{"train.lstm_lm.max_epochs": 2,
+                                                       "paths.evaluation": str(tmp_path / "evaluation")})
 
 
 def write_best(p, family: str, overrides) -> Path:
@@ -37,6 +38,9 @@ def test_train_applies_the_sweeps_best_config_and_evaluate_plots_the_curve(prepa
 
     result = evaluate_stage.run(p, "lstm_lm")
     assert result["bits_per_char"] > 0
+    samples = json.loads((tmp_path / "evaluation" / "lstm_lm" / "samples.json").read_text())  # for the report
+    assert [s["temperature"] for s in samples["samples"]] == p.evaluate.temperatures
+    assert all(s["text"].startswith(p.report.prompt) for s in samples["samples"])
     params = tracking.get_run(p.tracking.uri, metrics["run_id"])["params"]
     assert params["models.lstm_lm.cell"] == "gru" and params["train.lstm_lm.lr"] == "0.0071"
     assert not [k for k in params if k.startswith(("model/", "train/", "vocab", "train.captioner", "models.captioner"))]

@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.vocab import END_ID, UNK_ID, Vocabulary
+from pipeline.data.vocab import Vocabulary
 from pipeline.params import load_params
+from pipeline.tokens import END_ID, UNK_ID
 from stages import vocab as vocab_stage
 from tests.conftest import ROOT, tiny_overrides
 

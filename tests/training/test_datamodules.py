@@ -15,7 +15,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from pipeline.data.vocab import END_ID, PAD_ID, START_ID, Vocabulary
+from pipeline.data.vocab import Vocabulary
+from pipeline.tokens import END_ID, PAD_ID, START_ID
 from pipeline.training.datamodules import CaptionDataModule, LanguageModelDataModule, ResumableLoader
 
 

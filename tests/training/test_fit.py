@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from pipeline.families import FAMILIES
 from pipeline.training.callbacks import NonFiniteLossError
-from pipeline.training.fit import FAMILIES, load_module, train, vocabulary
+from pipeline.training.checkpoints import load_module
+from pipeline.training.fit import train, vocabulary
 from tests.conftest import params_under
 
 
@@ -149,3 +152,15 @@ def test_epoch_fraction_runs_that_share_of_the_batches(prepared_params, tmp_path
     half = train(params_under(prepared_params, tmp_path / "half", **{"train.lstm_lm.epoch_fraction": 0.5}),
                  "lstm_lm", logger=False)
     assert half.steps == int(full.steps * 0.5) and half.epochs == full.epochs == 1
+
+
+@pytest.mark.parametrize(("tty", "bar", "lines"), [(True, None, False), (True, False, True), (False, None, True)])
+def test_a_run_without_a_progress_bar_prints_a_line_per_epoch(tiny_params, monkeypatch, tty, bar, lines):
+    """`capline reproduce` (no bar, in a terminal) and `dvc repro` (no terminal) both show each epoch."""
+    from pipeline.training.callbacks import EpochLine
+    from pipeline.training.fit import build_trainer
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
+    overrides = {} if bar is None else {"enable_progress_bar": bar}
+    trainer = build_trainer(tiny_params, "lstm_lm", **overrides)
+    assert any(isinstance(cb, EpochLine) for cb in trainer.callbacks) == lines

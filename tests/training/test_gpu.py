@@ -9,8 +9,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from pipeline.families import FAMILIES
 from pipeline.params import load_params
-from pipeline.training.fit import FAMILIES, load_module, train
+from pipeline.training.checkpoints import load_module
+from pipeline.training.fit import train
 from tests.conftest import ROOT, TINY
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

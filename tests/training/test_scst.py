@@ -11,13 +11,15 @@ from pycocoevalcap.cider.cider import Cider
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from pipeline import tracking
-from pipeline.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from pipeline.decoding import greedy
 from pipeline.models.captioners import build_captioner
 from pipeline.params import ParamsError, load_params
-from pipeline.training.fit import learning_curve, train
+from pipeline.tokens import END_ID, PAD_ID, START_ID, UNK_ID
+from pipeline.training.checkpoints import learning_curve
+from pipeline.training.fit import train
 from pipeline.training.optim import lr_factor
 from pipeline.training.scst import CiderD, sample_with_logprobs, scst_loss
+from stages.train import tracked_logger
 from tests.conftest import ROOT, TINY, params_under, tiny_overrides
 from tests.training.test_fit import Crash, LossRecorder, SimulatedCrash
 
@@ -111,7 +113,7 @@ def test_scst_epochs_run_at_the_constant_scst_lr_after_the_cross_entropy_schedul
 def test_scst_epochs_follow_the_cross_entropy_epochs_and_log_their_own_metrics(prepared_params, tmp_path):
     p = params_under(prepared_params, tmp_path, **{"train.captioner.max_epochs": 2, "train.captioner.scst_epochs": 1,
                                                    "train.log_every_n_steps": 1})
-    result = train(p, "captioner", logger=True)
+    result = train(p, "captioner", logger=tracked_logger(p, "captioner"))
     assert result.epochs == 3
     per_epoch = result.steps // 3
     uri = p.tracking.uri

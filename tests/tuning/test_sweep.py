@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 from pipeline import tracking
 from pipeline.cli import app
 from pipeline.params import Params, apply_overrides, flatten_keys, load_params, validate_params
-from pipeline.training.fit import load_module
+from pipeline.sweep_results import best_trial, metric_figure, summarise
+from pipeline.training.checkpoints import load_module
 from pipeline.tuning import TrialRecord, init_ray, run_sweep, sample_config, search_space, sweep_key
-from pipeline.tuning.results import best_trial, metric_figure, summarise
 from tests.conftest import ROOT, TINY
 
 FAMILY = "lstm_lm"

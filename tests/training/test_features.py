@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from pipeline.data import SPLITS
-from pipeline.data.features import check_manifest, extract_features, read_manifest, write_manifest
 from pipeline.data.images import sha256_file
 from pipeline.io import write_json
 from pipeline.models.encoders import SmallCnnEncoder, build_encoder, efficientnet_weights_file
 from pipeline.params import load_params
 from pipeline.training.datasets import LazyArray
+from pipeline.training.features import check_manifest, extract_features, read_manifest, write_manifest
 from tests.conftest import ROOT
 
 ROWS = {"train": 5, "val": 2, "test": 3}

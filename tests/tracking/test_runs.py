@@ -34,8 +34,9 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def run_id(store) -> str:
     """A fresh run of the test experiment, ended after the test."""
-    with tracking.start_run(store["uri"], EXPERIMENT, run_name="t") as run:
-        yield run.run_id
+    run_id = tracking.create_run(store["uri"], EXPERIMENT, run_name="t")
+    yield run_id
+    tracking.end_run("FINISHED", run_id)
 
 
 def test_configure_creates_folder_and_is_idempotent(store) -> None:
@@ -71,9 +72,10 @@ def test_params_are_logged_flat_and_read_back(store, run_id: str) -> None:
 
 
 def test_params_on_the_active_run(store) -> None:
-    with tracking.start_run(store["uri"], EXPERIMENT) as run:
+    tracking.configure(store["uri"], EXPERIMENT)
+    with mlflow.start_run() as run:
         tracking.log_params_flat(None, {"a": {"b": 1}})
-    assert MlflowClient().get_run(run.run_id).data.params == {"a.b": "1"}
+    assert MlflowClient().get_run(run.info.run_id).data.params == {"a.b": "1"}
     with pytest.raises(ValueError, match="no active MLflow run"):
         tracking.log_params_flat(None, {"a": 1})
 
@@ -141,13 +143,12 @@ def test_lightning_logger_logs_and_finishes(store, tmp_path: Path) -> None:
 
 
 def test_lightning_logger_attaches_to_an_existing_run(store, tmp_path: Path) -> None:
-    parent = tracking.start_run(store["uri"], EXPERIMENT, "outer")
-    tracking.end_run("FINISHED")
-    logger = tracking.lightning_logger(store["uri"], EXPERIMENT, "ignored", {"stage": "again"},
-                                       run_id=parent.run_id)
+    parent = tracking.create_run(store["uri"], EXPERIMENT, "outer")
+    tracking.end_run("FINISHED", parent)
+    logger = tracking.lightning_logger(store["uri"], EXPERIMENT, "ignored", {"stage": "again"}, run_id=parent)
     logger.log_metrics({"x": 1.5}, step=4)
     logger.finalize("success")
-    run = MlflowClient().get_run(parent.run_id)
+    run = MlflowClient().get_run(parent)
     assert run.data.metrics["x"] == 1.5 and run.data.tags["stage"] == "again"
 
 
@@ -161,26 +162,25 @@ def test_a_logging_only_logger_leaves_the_runs_status_to_its_owner(store) -> Non
 
 
 def test_nested_runs_and_statuses(store) -> None:
-    with tracking.start_run(store["uri"], EXPERIMENT, "sweep") as parent:
-        with tracking.start_run(store["uri"], EXPERIMENT, "trial", {"trial": 0},
-                                parent_run_id=parent.run_id) as child:
-            pass
-        with pytest.raises(RuntimeError), tracking.start_run(store["uri"], EXPERIMENT, "bad",
-                                                             parent_run_id=parent.run_id) as failed:
-            raise RuntimeError("boom")
+    parent = tracking.create_run(store["uri"], EXPERIMENT, "sweep")
+    child = tracking.create_run(store["uri"], EXPERIMENT, "trial", {"trial": 0}, parent_run_id=parent)
+    failed = tracking.create_run(store["uri"], EXPERIMENT, "bad", parent_run_id=parent)
+    tracking.end_run("FINISHED", child)
+    tracking.end_run("FAILED", failed)
+    tracking.end_run("FINISHED", parent)
     client = MlflowClient()
-    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
-    assert client.get_run(child.run_id).data.tags["trial"] == "0"
-    assert client.get_run(child.run_id).info.status == "FINISHED"
-    assert client.get_run(failed.run_id).info.status == "FAILED"
-    assert client.get_run(parent.run_id).info.status == "FINISHED"
-    assert mlflow.active_run() is None
+    assert client.get_run(child).data.tags["mlflow.parentRunId"] == parent
+    assert client.get_run(child).data.tags["trial"] == "0"
+    assert client.get_run(child).info.status == "FINISHED"
+    assert client.get_run(failed).info.status == "FAILED"
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert mlflow.active_run() is None  # none of them became this process's active run
 
 
 def test_end_run_by_id_and_bad_status(store) -> None:
-    run = tracking.start_run(store["uri"], EXPERIMENT, "manual")
-    tracking.end_run("KILLED", run.run_id)
-    assert MlflowClient().get_run(run.run_id).info.status == "KILLED"
+    run_id = tracking.create_run(store["uri"], EXPERIMENT, "manual")
+    tracking.end_run("KILLED", run_id)
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
     assert mlflow.active_run() is None
     with pytest.raises(ValueError, match="FINISHED"):
         tracking.end_run("DONE")
@@ -202,14 +202,18 @@ def test_lineage_tags_in_a_git_repo_with_dvc_lock(tmp_path: Path) -> None:
     git(repo, "add", "dvc.lock")
     git(repo, "commit", "-q", "-m", "init")
     tags = tracking.lineage_tags(repo)
-    assert tags == {"git.commit": git(repo, "log", "-1", "--format=%H"), "git.dirty": "false",
+    head = git(repo, "log", "-1", "--format=%H")
+    assert tags == {"git.commit": head, "git.dirty": "false", "mlflow.source.git.commit": head,
+                    "mlflow.source.name": tags["mlflow.source.name"], "mlflow.source.type": "LOCAL",
                     "dvc.data/sample": "abc123.dir", "dvc.metrics/sample.json": "def456"}
     (repo / "new.py").write_text("x = 1\n", encoding="utf-8")
     assert tracking.lineage_tags(repo)["git.dirty"] == "true"
 
 
 def test_lineage_tags_outside_git_and_bad_lock(tmp_path: Path) -> None:
-    assert tracking.lineage_tags(tmp_path) == {"git.commit": "unknown", "git.dirty": "unknown"}
+    tags = tracking.lineage_tags(tmp_path)
+    assert {k: v for k, v in tags.items() if k.startswith("git.")} == {"git.commit": "unknown", "git.dirty": "unknown"}
+    assert not [k for k in tags if k.startswith("dvc.")]
     (tmp_path / "dvc.lock").write_text("stages:\n  s:\n    outs:\n    - path: a\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"dvc.lock: stages.s.outs\[0\]: expected 'path' and 'md5'"):
         tracking.lineage_tags(tmp_path)
@@ -236,11 +240,12 @@ def test_mark_stale_runs(store) -> None:
                                               tracking.PID_TAG: dead_pid}).info.run_id
     remote = client.create_run(exp_id, tags={tracking.HOST_TAG: "elsewhere.invalid",
                                              tracking.PID_TAG: "1"}).info.run_id
-    with tracking.start_run(store["uri"], EXPERIMENT, "alive") as alive:
-        stale = tracking.mark_stale_runs(store["uri"], EXPERIMENT)
-        assert set(stale) >= {orphan, crashed}
-        assert alive.run_id not in stale and remote not in stale
-        assert client.get_run(alive.run_id).info.status == "RUNNING"
+    alive = tracking.create_run(store["uri"], EXPERIMENT, "alive")  # this process's: host and pid recorded
+    stale = tracking.mark_stale_runs(store["uri"], EXPERIMENT)
+    assert set(stale) >= {orphan, crashed}
+    assert alive not in stale and remote not in stale
+    assert client.get_run(alive).info.status == "RUNNING"
+    tracking.end_run("FINISHED", alive)
     assert client.get_run(orphan).info.status == "KILLED"
     assert client.get_run(crashed).info.status == "KILLED"
     assert client.get_run(remote).info.status == "RUNNING"

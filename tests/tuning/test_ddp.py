@@ -13,11 +13,12 @@ import pytorch_lightning as pl
 
 from pipeline import tracking
 from pipeline.training import fit
+from pipeline.training.checkpoints import load_module
 from pipeline.training.datamodules import LanguageModelDataModule
 from pipeline.training.datasets import EpochBatchSampler, EpochOrder, LazyArray, StreamBatches
 from pipeline.tuning import run_sweep
 from tests.conftest import ROOT
-from tests.test_tuning import FAMILY, sweep_params, trial_params
+from tests.tuning.test_sweep import FAMILY, sweep_params, trial_params
 
 
 def test_each_rank_gets_every_world_th_batch_and_the_same_number_of_steps() -> None:
@@ -111,7 +112,7 @@ def test_two_worker_ddp_trials_log_one_run_each_with_reduced_metrics(ray_with_da
         # the reported loss is the whole validation stream's, not rank 0's half: validate it in one process
         tp = trial_params(p, trial.config)
         dm = fit.build_datamodule(tp, FAMILY, fit.vocabulary(tp, FAMILY))
-        module = fit.load_module(FAMILY, trial.checkpoint)
+        module = load_module(FAMILY, trial.checkpoint)
         trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                              enable_model_summary=False, enable_checkpointing=False)
         single = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.models.encoders import build_encoder
 from pipeline.params import ParamsError, load_params
-from pipeline.training.fit import build_datamodule, load_module, train, vocabulary
+from pipeline.training.checkpoints import load_module
+from pipeline.training.fit import build_datamodule, train, vocabulary
 from stages import features as features_stage
 from tests.conftest import ROOT, params_under, tiny_overrides
 
