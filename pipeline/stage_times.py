@@ -34,13 +34,18 @@ def watch(lines: Iterable[str], clock: Callable[[], float] = time.monotonic,
             echo(line)
         now = clock()
         if (match := STARTED.match(line)) is not None:
+            if running is not None:  # it finished without a lock update (its lock entry was already right)
+                times.append(StageTime(running[0], now - running[1], ran=True, finished=True))
             running = (match.group(1), now)
         elif (match := SKIPPED.match(line)) is not None:
+            if running is not None:  # as above: ended without a lock update
+                times.append(StageTime(running[0], now - running[1], ran=True, finished=True))
+                running = None
             times.append(StageTime(match.group(1), 0.0, ran=False, finished=True))
         elif LOCKED.match(line) and running is not None:
             times.append(StageTime(running[0], now - running[1], ran=True, finished=True))
             running = None
-    if running is not None:  # the stage that failed or was interrupted
+    if running is not None:  # the last stage: it failed or was interrupted, unless DVC went on to the end
         times.append(StageTime(running[0], clock() - running[1], ran=True, finished=False))
     return times
 
@@ -54,6 +59,8 @@ def repro(args: list[str], echo: Callable[[str], None]) -> tuple[int, list[Stage
     try:
         times = watch((line.rstrip("\n") for line in proc.stdout), echo=echo)
         status = proc.wait()
+        if status == 0 and times and not times[-1].finished:  # DVC succeeded: its last stage did too
+            times[-1] = dataclasses.replace(times[-1], finished=True)
     except KeyboardInterrupt:  # DVC got the same SIGINT from the terminal; let it clean up its stage
         status = proc.wait()
         times = []

@@ -44,3 +44,13 @@ def test_the_summary_is_one_line_per_stage_and_a_total():
     assert lines[4].split() == ["train@captioner", "11.0s", "(did", "not", "finish)"]
     assert lines[-1].split() == ["total", "1121.4s", "(18", "min", "41", "s,", "3", "of", "4", "stages", "ran)"]
     assert format_minutes(59.6) == "1 min 0 s"
+
+
+def test_a_stage_whose_lock_entry_did_not_change_is_timed_to_the_next_stage():
+    """A fresh clone's data stages rerun to the same lock entries: DVC prints no lock update between them."""
+    lines = ["Running stage 'sample':", "sample: done", "Running stage 'vocab':", "vocab: done",
+             "Stage 'features' didn't change, skipping", "Running stage 'report':", "Updating lock file 'dvc.lock'"]
+    times = watch(lines, clock=clock_of([0.0, 1.0, 4.0, 5.0, 9.0, 9.5, 12.0]))
+    assert [(t.stage, t.seconds, t.ran, t.finished) for t in times] == [
+        ("sample", 4.0, True, True), ("vocab", 5.0, True, True), ("features", 0.0, False, True),
+        ("report", 2.5, True, True)]
