@@ -39,6 +39,11 @@ class Family:
         """Whether it captions images (a vision encoder, decoded captions, caption metrics, features)."""
         return self.task == "captioning"
 
+    @property
+    def served_input(self) -> str:
+        """The column each record of a request to its served model holds: base64 image files or text prompts."""
+        return "image" if self.captions else "prompt"
+
     def lightning_module(self) -> type:
         """The LightningModule class, imported now."""
         return _resolve(self.module)

@@ -15,9 +15,12 @@ import warnings
 INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 KNOWN_WARNINGS = (  # (message regex, why it is not the user's to act on)
-    (r"Add type hints to the `predict` method", "MLflow: capline's served model declines signature enforcement"),
+    (r"Add type hints to the `predict` method", "MLflow: capline's served model checks each record itself"),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "Lightning's own use of a torch API"),
+    (r"An input example was not provided when logging the model",
+     "MLflow: the signature is declared; an example would be a whole base64 image stored in every model"),
 )
+ANSI_PREFIX = r"(?:\x1b\[[0-9;]*m)?"
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow reads this setting only from the environment
 
 
@@ -27,6 +30,6 @@ def quiet(verbose: bool = False) -> None:
         return
     for name in INFO_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    for message, _why in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
+    for message, _why in KNOWN_WARNINGS:  # MLflow colours some of its warnings: an ANSI code may come first
+        warnings.filterwarnings("ignore", message=ANSI_PREFIX + message)
     os.environ.setdefault(PROGRESS_BAR_ENV, "false")

@@ -16,7 +16,9 @@ quiet(sys.argv[1] == "verbose")
 import os
 import pytorch_lightning as pl
 pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-warnings.warn("Add type hints to the `predict` method to enable data validation", UserWarning)
+from mlflow.utils.warnings_utils import color_warning
+color_warning("Add type hints to the `predict` method to enable data validation", 1, "yellow")
+color_warning("An input example was not provided when logging the model. To ensure", 1, "yellow")
 warnings.warn("something new", UserWarning)
 print("progress bars:", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "default"))
 """
@@ -34,7 +36,7 @@ def test_lightning_banners_and_known_warnings_show_only_when_verbose(mode):
     out = run(mode)
     chatty = mode == "verbose"
     assert ("GPU available" in out) == chatty
-    assert ("Add type hints" in out) == chatty
+    assert ("Add type hints" in out) == chatty and ("An input example" in out) == chatty
     assert "something new" in out  # any other warning still shows
     assert f"progress bars: {'default' if chatty else 'false'}" in out
 

