@@ -43,11 +43,9 @@ def nearest_neighbour_captions(train: tuple[list[int], Tensor], queries: tuple[l
     return {q: consensus[train_keys[i]] for q, i in zip(query_keys, nearest, strict=True)}
 
 
-def nearest_neighbour_scores(encoder: nn.Module, train_loader: DataLoader, eval_loader: DataLoader,
-                             train_refs: dict[int, list[str]], eval_refs: dict[int, list[str]],
-                             device: torch.device, meteor: bool) -> dict:
-    """coco-caption scores of the nearest-neighbour captions, keyed nn_<metric>."""
-    hyps = nearest_neighbour_captions(pooled_features(encoder, train_loader, device),
-                                      pooled_features(encoder, eval_loader, device), train_refs)
+def nearest_neighbour_scores(train: tuple[list[int], Tensor], queries: tuple[list[int], Tensor],
+                             train_refs: dict[int, list[str]], eval_refs: dict[int, list[str]], meteor: bool) -> dict:
+    """coco-caption scores of the nearest-neighbour captions (pooled features of both splits), keyed nn_<metric>."""
+    hyps = nearest_neighbour_captions(train, queries, train_refs)
     scores = caption_scores({k: eval_refs[k] for k in hyps}, hyps, meteor=meteor)
     return {f"{PREFIX}{k}": v for k, v in scores.items()}

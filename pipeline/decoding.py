@@ -22,12 +22,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Hypothesis:
+    """One caption of a beam: tokens (no <start>, cut before <end>), score, attention (T, N) or None."""
+
+    tokens: list[int]
+    score: float
+    attention: Tensor | None = None
+
+
+@dataclass
 class DecodeResult:
-    """Per item: tokens (no <start>, cut before <end>), score, attention (T, N) or None."""
+    """Per item: tokens (no <start>, cut before <end>), score, attention (T, N) or None; with beam search's
+    n_best, every hypothesis it ended with: the finished ones best first, then any still live at max_len."""
 
     tokens: list[list[int]]
     scores: list[float]
     attention: list[Tensor] | None = None
+    candidates: list[list[Hypothesis]] | None = None
 
 
 @contextlib.contextmanager
@@ -175,7 +186,7 @@ def _expand(memory: Tensor | None, index: Tensor) -> Tensor | None:
 
 
 def beam_search(model: nn.Module, memory: Tensor | None, batch_size: int, beam_size: int,
-                max_len: int, alpha: float = 0.7, no_repeat_ngram: int = 0) -> DecodeResult:
+                max_len: int, alpha: float = 0.7, no_repeat_ngram: int = 0, n_best: bool = False) -> DecodeResult:
     """Batched beam search; returns per item the best hypothesis by log P / T^alpha.
 
     The whole batch x beam is one batch of B*K rows. Finished hypotheses take beam slots
@@ -189,16 +200,17 @@ def beam_search(model: nn.Module, memory: Tensor | None, batch_size: int, beam_s
 
     no_repeat_ngram n > 0: each hypothesis never extends by a token that would complete an n-gram
     already in its own tokens (scores stay the model's log-probs, normalised as above).
+    n_best: also return each item's hypotheses (`candidates`: finished, then live at max_len), e.g. to rerank.
     """
     if beam_size < 1 or max_len < 1:
         raise ValueError(f"beam_size and max_len must be >= 1, got {beam_size} and {max_len}")
     _check_ngram(no_repeat_ngram)
     with _decoding(model):
-        return _beam(model, memory, batch_size, beam_size, max_len, alpha, no_repeat_ngram)
+        return _beam(model, memory, batch_size, beam_size, max_len, alpha, no_repeat_ngram, n_best)
 
 
 def _beam(model: nn.Module, memory: Tensor | None, b: int, k: int, max_len: int,
-          alpha: float, no_repeat_ngram: int) -> DecodeResult:
+          alpha: float, no_repeat_ngram: int, n_best: bool) -> DecodeResult:
     device = _device(model, memory)
     rows = torch.arange(b, device=device).repeat_interleave(k)  # (B*K,) item of each row
     memory = _expand(memory, rows)
@@ -237,7 +249,40 @@ def _beam(model: nn.Module, memory: Tensor | None, b: int, k: int, max_len: int,
         state = model.select(state, flat_parent)
         tokens = tok.view(-1)
         seqs = torch.cat([seqs.index_select(0, flat_parent), tokens[:, None]], dim=1)  # (B*K, t)
-    return _collect(finished, live, hist_tok, hist_parent, hist_att, k, t)
+    result = _collect(finished, live, hist_tok, hist_parent, hist_att, k, t)
+    if n_best:
+        result.candidates = [_hypotheses(done, live[i], t, hist_tok, hist_parent, hist_att, k, i)
+                             for i, done in enumerate(finished)]
+    return result
+
+
+def _hypotheses(done: list, live: list, last_step: int, hist_tok: list, hist_parent: list, hist_att: list, k: int,
+                item: int) -> list[Hypothesis]:
+    """One item's finished hypotheses, best first, then those still live at max_len (cut there), best first."""
+    kept = hist_att if hist_att and hist_att[0] is not None else None
+    ends = sorted(done, key=lambda h: -h[0]) + [(norm, last_step, slot) for norm, slot in sorted(live, reverse=True)]
+    out = []
+    for norm, step, slot in ends:
+        toks, att = _backtrack(hist_tok, hist_parent, kept, k, item, step, slot)
+        out.append(Hypothesis(toks, float(norm), (torch.stack(att).float().cpu() if toks else
+                                                  torch.zeros(0, kept[0].shape[-1])) if kept else None))
+    return out
+
+
+def _backtrack(hist_tok: list, hist_parent: list, hist_att: list | None, k: int, item: int, step: int,
+               slot: int) -> tuple[list[int], list[Tensor]]:
+    """The tokens (cut before <end>) of the hypothesis in `slot` at `step`, and its attention rows if kept."""
+    toks, att = [], []
+    for s in range(step - 1, -1, -1):
+        toks.append(hist_tok[s][item][slot])
+        parent = hist_parent[s][item][slot]
+        if hist_att is not None:
+            att.append(hist_att[s][item * k + parent])
+        slot = parent
+    toks.reverse()
+    att.reverse()
+    cut = toks.index(END_ID) if END_ID in toks else len(toks)
+    return toks[:cut], att[:cut]
 
 
 def _collect(finished: list, live: list, hist_tok: list, hist_parent: list, hist_att: list,
@@ -252,20 +297,11 @@ def _collect(finished: list, live: list, hist_tok: list, hist_parent: list, hist
         else:  # nothing finished by max_len: the best live hypothesis (no <end>)
             norm, slot = max(live[i], key=lambda h: h[0])
             step = last_step
-        toks, att = [], []
-        for s in range(step - 1, -1, -1):
-            toks.append(hist_tok[s][i][slot])
-            parent = hist_parent[s][i][slot]
-            if has_att:
-                att.append(hist_att[s][i * k + parent])
-            slot = parent
-        toks.reverse()
-        att.reverse()
-        cut = toks.index(END_ID) if END_ID in toks else len(toks)
-        seqs.append(toks[:cut])
+        toks, att = _backtrack(hist_tok, hist_parent, hist_att if has_att else None, k, i, step, slot)
+        seqs.append(toks)
         scores.append(float(norm))
         if has_att:
-            atts.append(torch.stack(att[:cut]).float().cpu() if cut else torch.zeros(0, n))
+            atts.append(torch.stack(att).float().cpu() if toks else torch.zeros(0, n))
     return DecodeResult(seqs, scores, atts if has_att else None)
 
 

@@ -12,19 +12,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.baselines import nearest_neighbour_scores
+from pipeline.baselines import nearest_neighbour_scores, pooled_features
 from pipeline.data.coco import read_captions
 from pipeline.data.tokenize import detokenize
-from pipeline.decoding import beam_error_analysis, beam_search
+from pipeline.decoding import Hypothesis, beam_error_analysis, beam_search
 from pipeline.families import family as family_record
 from pipeline.inference import generate
 from pipeline.metrics import bits, caption_flaws, caption_scores, nltk_bleu4, perplexity, unigram_cross_entropy
 from pipeline.params import EvaluateParams, Params
 from pipeline.report.examples import CaptionExample, CaptionExamples, Examples, LanguageModelSamples
+from pipeline.rerank import nearest_images, rerank
 from pipeline.training.checkpoints import load_module
 from pipeline.training.datamodules import CaptionDataModule, LanguageModelDataModule
 from pipeline.training.fit import build_datamodule, vocabulary
 from pipeline.training.modules import CaptioningModule, LanguageModelModule, sequence_loss
+from pipeline.training.scst import CiderD
 
 
 def device_for(p: Params) -> str:
@@ -50,12 +52,13 @@ class Decoded:
 
 @torch.no_grad()
 def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: str, e: EvaluateParams,
-                       shown: int, attended: int) -> Evaluation:
-    """Beam-search captions (n-gram block e.no_repeat_ngram) for every image of `split`; coco-caption metrics,
+                       shown: int, attended: int, neighbours: dict[int, list[int]] | None = None) -> Evaluation:
+    """Beam-search captions (n-gram block e.no_repeat_ngram) for every image of `split`, consensus-reranked over
+    `neighbours` (each image's nearest training images) when e.rerank_neighbours > 0; coco-caption metrics,
     NLTK BLEU-4, error split; the first `shown` images' captions (`attended` with attention maps) as examples."""
     model, vocab = module.model, module.vocab_tokens
     refs = dm.references(split)
-    decoded: dict[int, Decoded] = {}
+    beams: dict[int, list[Hypothesis]] = {}
     search_errors = items = 0
     attends = False  # whether beam search gives per-word attention (show_attend_tell)
     loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
@@ -63,28 +66,44 @@ def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: s
         images = batch["images"].to(module.device)
         memory = model.encode(images)
         result = beam_search(model, memory, len(images), e.beam_size, module.model_cfg.max_len, e.alpha,
-                             e.no_repeat_ngram)
+                             e.no_repeat_ngram, n_best=True)
         attends = result.attention is not None
         keys = batch["image_index"].tolist()
-        attention = result.attention or [None] * len(keys)
-        for key, tokens, att in zip(keys, result.tokens, attention, strict=True):
-            kept = att is not None and key < attended  # maps in [0, 1]: half precision is plenty to draw them
-            decoded[key] = Decoded([vocab[t] for t in tokens], att.float().cpu().numpy().astype(np.float16)
-                                   if kept else None)
+        beams.update(zip(keys, result.candidates, strict=True))
         ref_ids = [[module.vocab.encode(r.split()) for r in refs[k]] for k in keys]
-        analysis = beam_error_analysis(model, memory, ref_ids, result.tokens, e.alpha)
+        analysis = beam_error_analysis(model, memory, ref_ids, result.tokens, e.alpha)  # of the beam's best
         search_errors += analysis["search_errors"]
         items += analysis["items"]
+    words = {k: [[vocab[t] for t in h.tokens] for h in hyps] for k, hyps in beams.items()}
+    chosen = {k: 0 for k in beams}
+    extra = {}
+    if e.rerank_neighbours > 0:
+        if neighbours is None:
+            raise ValueError("evaluate.rerank_neighbours > 0 needs each image's nearest training images")
+        extra = {"beam_cider": caption_scores({k: refs[k] for k in words}, {k: " ".join(w[0]) for k, w in
+                                                                             words.items()}, meteor=False)["cider"]}
+        options = {k: [(" ".join(w), h.score) for w, h in zip(words[k], beams[k], strict=True)] for k in beams}
+        chosen = rerank(options, neighbours, CiderD(dm.references("train")), e.rerank_weight)
+        extra["reranked_fraction"] = sum(i > 0 for i in chosen.values()) / max(1, len(chosen))
+    decoded = {k: Decoded(words[k][i], _kept_attention(beams[k][i], k < attended)) for k, i in chosen.items()}
     hyps = {k: " ".join(d.words) for k, d in decoded.items()}
     scores = caption_scores({k: refs[k] for k in hyps}, hyps, meteor=e.meteor)
     metrics = {**scores, "nltk_bleu_4": nltk_bleu4({k: refs[k] for k in hyps}, hyps),
-               "beam_size": e.beam_size, "alpha": e.alpha, "no_repeat_ngram": e.no_repeat_ngram, "images": len(hyps),
+               "beam_size": e.beam_size, "alpha": e.alpha, "no_repeat_ngram": e.no_repeat_ngram,
+               "rerank_neighbours": e.rerank_neighbours, **extra, "images": len(hyps),
                "search_error_fraction": search_errors / max(1, items),
                "model_error_fraction": (items - search_errors) / max(1, items), **caption_flaws(hyps)}
     images = [caption_example(rec, decoded[rec["image_index"]])
               for rec in read_captions(dm.coco_dir / split / "captions.jsonl")[:shown]]
-    decoding = {k: metrics[k] for k in ("beam_size", "alpha", "no_repeat_ngram")}
+    decoding = {k: metrics[k] for k in ("beam_size", "alpha", "no_repeat_ngram", "rerank_neighbours")}
     return Evaluation(metrics, CaptionExamples(module.model_cfg.arch, attends, decoding, images))
+
+
+def _kept_attention(hypothesis: Hypothesis, kept: bool) -> np.ndarray | None:
+    """A caption's attention (T, N) as float16 for the report: maps in [0, 1], half precision draws them."""
+    if not kept or hypothesis.attention is None:
+        return None
+    return hypothesis.attention.float().cpu().numpy().astype(np.float16)
 
 
 def caption_example(record: dict, decoded: Decoded) -> CaptionExample:
@@ -137,10 +156,13 @@ def run_evaluation(p: Params, family: str, checkpoint: str | Path, split: str = 
     dm.setup("test")
     e, r = p.evaluate, p.report
     if family_record(family).captions:
-        result = evaluate_captioner(module, dm, split, e, r.test_images, r.attention_images)
-        result.metrics.update(nearest_neighbour_scores(module.model.encoder, dm.images_dataloader("train"),
-                                                       dm.images_dataloader(split), dm.references("train"),
-                                                       dm.references(split), module.device, e.meteor))
+        encoder = module.model.encoder
+        train = pooled_features(encoder, dm.images_dataloader("train"), module.device)
+        queries = pooled_features(encoder, dm.images_dataloader(split), module.device)
+        neighbours = nearest_images(train, queries, e.rerank_neighbours) if e.rerank_neighbours else None
+        result = evaluate_captioner(module, dm, split, e, r.test_images, r.attention_images, neighbours)
+        result.metrics.update(nearest_neighbour_scores(train, queries, dm.references("train"), dm.references(split),
+                                                       e.meteor))
     else:
         result = Evaluation(evaluate_language_model(module, dm, split, Path(p.paths.text)),
                             lm_samples(module, r.prompt, e.sample_length, e.temperatures, p.seed))

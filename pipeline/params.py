@@ -351,6 +351,8 @@ class EvaluateParams(Section):
     temperatures: list[float] = Field(min_length=1)
     sample_length: int = Field(ge=1)
     no_repeat_ngram: int = Field(ge=0)  # 0: off
+    rerank_neighbours: int = Field(ge=0)  # 0: off
+    rerank_weight: float = Field(ge=0.0)
 
 
 class ServeParams(Section):

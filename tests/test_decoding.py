@@ -165,6 +165,31 @@ def test_beam_scores_and_attention_follow_the_backpointers(model, memory):
             assert result.scores[i] == pytest.approx(score / (len(toks) + 1) ** 0.7, abs=1e-5)
 
 
+def test_n_best_lists_every_finished_hypothesis_best_first_with_its_teacher_forced_score(model, memory):
+    result = beam_search(model, memory, 6, beam_size=4, max_len=12, alpha=0.7, n_best=True)
+    assert beam_search(model, memory, 6, beam_size=4, max_len=12, alpha=0.7).candidates is None
+    for i, candidates in enumerate(result.candidates):
+        best = candidates[0]
+        assert (best.tokens, best.score) == (result.tokens[i], result.scores[i])
+        torch.testing.assert_close(best.attention, result.attention[i])
+        assert [h.score for h in candidates] == sorted((h.score for h in candidates), reverse=True)
+        assert len({tuple(h.tokens) for h in candidates}) == len(candidates) <= 4
+        for h in candidates:
+            if len(h.tokens) < 12:  # finished: scored with its <end>, like the beam
+                score, att = teacher_forced(model, memory[i : i + 1], h.tokens)
+                assert h.score == pytest.approx(score / (len(h.tokens) + 1) ** 0.7, abs=1e-5)
+                torch.testing.assert_close(h.attention, att)
+    assert max(len(c) for c in result.candidates) > 1
+    cut = beam_search(model, memory, 6, beam_size=3, max_len=2, n_best=True)  # few finish within 2 tokens
+    assert [c[0].tokens for c in cut.candidates] == cut.tokens
+    for candidates in cut.candidates:
+        finished = [h for h in candidates if len(h.tokens) < 2]
+        assert candidates[: len(finished)] == finished  # finished first, then the live ones cut at max_len
+        live = candidates[len(finished):]
+        assert [h.score for h in live] == sorted((h.score for h in live), reverse=True)
+    assert any(len(c) > 1 and len(c[-1].tokens) == 2 for c in cut.candidates)
+
+
 def test_beam_finds_the_optimum_where_greedy_fails():
     bigram = Bigram(LOOKAHEAD)
     best = bigram.brute_force(max_len=4, alpha=0.0)

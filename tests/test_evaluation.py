@@ -19,6 +19,7 @@ from pipeline.evaluation import evaluate, run_evaluation
 from pipeline.inference import caption_images, generate, prompt_ids
 from pipeline.metrics import caption_scores
 from pipeline.params import apply_overrides, load_params, validate_params
+from pipeline.rerank import consensus, rerank
 from pipeline.training.checkpoints import checkpoint_path, load_module
 from pipeline.training.fit import build_datamodule, build_module, train, vocabulary
 from tests.conftest import ROOT, overrides_under
@@ -66,7 +67,8 @@ def test_evaluate_captioner_metrics_and_the_captions_kept_for_the_report(trained
         assert (ex.image_id, ex.file_name) == (record["image_id"], record["file_name"])
         assert ex.references == [detokenize(c) for c in record["captions"]]
     assert shown.decoding == {"beam_size": p.evaluate.beam_size, "alpha": p.evaluate.alpha,
-                              "no_repeat_ngram": p.evaluate.no_repeat_ngram}
+                              "no_repeat_ngram": p.evaluate.no_repeat_ngram, "rerank_neighbours": 0}
+    assert "beam_cider" not in m and m["rerank_neighbours"] == 0
     assert (shown.arch, shown.attends) == ("show_attend_tell", True)
     kept = p.report.attention_images
     assert all(ex.attention is None for ex in shown.images[kept:])  # only report.attention_images of them
@@ -74,6 +76,30 @@ def test_evaluate_captioner_metrics_and_the_captions_kept_for_the_report(trained
         att = ex.attention
         assert att.dtype == np.float16 and att.shape[0] >= len(ex.words)  # (T, N), T = words (+1 for <end>)
         np.testing.assert_allclose(att.astype(np.float32).sum(axis=1), 1.0, atol=1e-2)  # softmax over positions
+
+
+def test_reranked_captions_are_the_beam_candidates_the_nearest_training_images_agree_with(trained, monkeypatch):
+    p = validate_params(apply_overrides(trained["params"].to_dict(), {"evaluate.rerank_neighbours": 3,
+                                                                       "evaluate.beam_size": 4}))
+    seen: dict = {}
+
+    def spy(options, neighbours, cider, weight):
+        seen.update(options=options, neighbours=neighbours, cider=cider)
+        return rerank(options, neighbours, cider, weight)
+
+    monkeypatch.setattr("pipeline.evaluation.rerank", spy)
+    result = run_evaluation(p, "captioner", checkpoint_path(p, "captioner"))
+    m, options = result.metrics, seen["options"]
+    assert m["rerank_neighbours"] == 3 and result.examples.decoding["rerank_neighbours"] == 3
+    assert set(options) == set(range(m["images"])) and all(len(n) == 3 for n in seen["neighbours"].values())
+    assert all(1 <= len(o) <= 4 for o in options.values()) and any(len(o) > 1 for o in options.values())
+    for ex in result.examples.images:  # the chosen caption: the candidate of highest consensus, first on ties
+        best = max(options[ex.image_index], key=lambda o: consensus(o[0], seen["neighbours"][ex.image_index],
+                                                                    seen["cider"]))
+        assert " ".join(ex.words) == best[0]
+    assert 0.0 <= m["reranked_fraction"] <= 1.0 and 0.0 <= m["beam_cider"] <= 10.0
+    plain = run_evaluation(trained["params"], "captioner", checkpoint_path(p, "captioner")).metrics
+    assert m["nn_cider"] == plain["nn_cider"]  # the baseline does not depend on decoding
 
 
 @pytest.mark.parametrize("family", ["lstm_lm", "transformer_lm"])

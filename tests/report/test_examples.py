@@ -19,7 +19,7 @@ from pipeline.report.examples import (
 )
 from pipeline.report.sources import captioned_images
 
-DECODING = {"beam_size": 3, "alpha": 0.7, "no_repeat_ngram": 3}
+DECODING = {"beam_size": 3, "alpha": 0.7, "no_repeat_ngram": 3, "rerank_neighbours": 10}
 
 
 def examples(attention_rows: int = 2) -> CaptionExamples:
@@ -43,6 +43,10 @@ def test_captions_round_trip_with_half_precision_attention(tmp_path):
     np.testing.assert_allclose(first.attention, written.images[0].attention, atol=1e-3)
     assert second.attention is None and second.caption == "a square."
     assert read_caption_examples(tmp_path / "absent") is None
+    older = json.loads((tmp_path / "captioner" / "captions.json").read_text())
+    del older["rerank_neighbours"]  # written before reranking existed: read as not reranked
+    (tmp_path / "captioner" / "captions.json").write_text(json.dumps(older))
+    assert read_caption_examples(tmp_path / "captioner").decoding == {**DECODING, "rerank_neighbours": 0}
 
 
 def test_a_new_evaluation_replaces_the_folder_whole(tmp_path):
