@@ -33,14 +33,20 @@ def pooled_features(encoder: nn.Module, loader: DataLoader, device: torch.device
     return keys, torch.cat(rows)
 
 
+def nearest_images(train: tuple[list[int], Tensor], queries: tuple[list[int], Tensor], k: int) -> dict[int, list[int]]:
+    """For each query image, the keys of its k most similar training images (cosine), most similar first."""
+    train_keys, train_feats = train
+    query_keys, query_feats = queries
+    k = min(k, len(train_keys))
+    nearest = (query_feats @ train_feats.T).topk(k, dim=1).indices.tolist()  # (Q, T) cosine -> (Q, k)
+    return {q: [train_keys[i] for i in row] for q, row in zip(query_keys, nearest, strict=True)}
+
+
 def nearest_neighbour_captions(train: tuple[list[int], Tensor], queries: tuple[list[int], Tensor],
                                train_refs: dict[int, list[str]]) -> dict[int, str]:
     """For each query image, the consensus caption of the training image most similar to it."""
-    train_keys, train_feats = train
-    query_keys, query_feats = queries
-    nearest = (query_feats @ train_feats.T).argmax(dim=1).tolist()  # (Q, T) cosine -> (Q,)
     consensus = consensus_captions(train_refs)
-    return {q: consensus[train_keys[i]] for q, i in zip(query_keys, nearest, strict=True)}
+    return {q: consensus[nearest[0]] for q, nearest in nearest_images(train, queries, 1).items()}
 
 
 def nearest_neighbour_scores(train: tuple[list[int], Tensor], queries: tuple[list[int], Tensor],

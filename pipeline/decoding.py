@@ -249,29 +249,27 @@ def _beam(model: nn.Module, memory: Tensor | None, b: int, k: int, max_len: int,
         state = model.select(state, flat_parent)
         tokens = tok.view(-1)
         seqs = torch.cat([seqs.index_select(0, flat_parent), tokens[:, None]], dim=1)  # (B*K, t)
-    result = _collect(finished, live, hist_tok, hist_parent, hist_att, k, t)
-    if n_best:
-        result.candidates = [_hypotheses(done, live[i], t, hist_tok, hist_parent, hist_att, k, i)
-                             for i, done in enumerate(finished)]
-    return result
-
-
-def _hypotheses(done: list, live: list, last_step: int, hist_tok: list, hist_parent: list, hist_att: list, k: int,
-                item: int) -> list[Hypothesis]:
-    """One item's finished hypotheses, best first, then those still live at max_len (cut there), best first."""
     kept = hist_att if hist_att and hist_att[0] is not None else None
-    ends = sorted(done, key=lambda h: -h[0]) + [(norm, last_step, slot) for norm, slot in sorted(live, reverse=True)]
-    out = []
-    for norm, step, slot in ends:
-        toks, att = _backtrack(hist_tok, hist_parent, kept, k, item, step, slot)
-        out.append(Hypothesis(toks, float(norm), (torch.stack(att).float().cpu() if toks else
-                                                  torch.zeros(0, kept[0].shape[-1])) if kept else None))
-    return out
+    ranked = [_ranked(done, live[i], t) for i, done in enumerate(finished)]
+    candidates = [[_rebuild(hist_tok, hist_parent, kept, k, i, *end) for end in ends[: None if n_best else 1]]
+                  for i, ends in enumerate(ranked)]  # per item: its best only, unless n_best
+    best = [c[0] for c in candidates]
+    return DecodeResult([h.tokens for h in best], [h.score for h in best],
+                        [h.attention for h in best] if kept else None, candidates if n_best else None)
 
 
-def _backtrack(hist_tok: list, hist_parent: list, hist_att: list | None, k: int, item: int, step: int,
-               slot: int) -> tuple[list[int], list[Tensor]]:
-    """The tokens (cut before <end>) of the hypothesis in `slot` at `step`, and its attention rows if kept."""
+def _ranked(done: list, live: list, last_step: int) -> list[tuple[float, int, int]]:
+    """One item's (score, step, slot): finished hypotheses best first, then those live at max_len, best first.
+
+    The first is the beam's answer: its best finished hypothesis, or its best live one if none finished.
+    """
+    return (sorted(done, key=lambda h: -h[0])
+            + [(norm, last_step, slot) for norm, slot in sorted(live, key=lambda h: -h[0])])
+
+
+def _rebuild(hist_tok: list, hist_parent: list, hist_att: list | None, k: int, item: int, norm: float, step: int,
+             slot: int) -> Hypothesis:
+    """The hypothesis in `slot` at `step` via backpointers: tokens cut before <end>, attention (T, N) if kept."""
     toks, att = [], []
     for s in range(step - 1, -1, -1):
         toks.append(hist_tok[s][item][slot])
@@ -282,27 +280,10 @@ def _backtrack(hist_tok: list, hist_parent: list, hist_att: list | None, k: int,
     toks.reverse()
     att.reverse()
     cut = toks.index(END_ID) if END_ID in toks else len(toks)
-    return toks[:cut], att[:cut]
-
-
-def _collect(finished: list, live: list, hist_tok: list, hist_parent: list, hist_att: list,
-             k: int, last_step: int) -> DecodeResult:
-    """Pick each item's best hypothesis and rebuild its tokens and attention via backpointers."""
-    has_att = bool(hist_att) and hist_att[0] is not None
-    n = hist_att[0].shape[-1] if has_att else 0
-    seqs, scores, atts = [], [], []
-    for i, done in enumerate(finished):
-        if done:
-            norm, step, slot = max(done, key=lambda h: h[0])
-        else:  # nothing finished by max_len: the best live hypothesis (no <end>)
-            norm, slot = max(live[i], key=lambda h: h[0])
-            step = last_step
-        toks, att = _backtrack(hist_tok, hist_parent, hist_att if has_att else None, k, i, step, slot)
-        seqs.append(toks)
-        scores.append(float(norm))
-        if has_att:
-            atts.append(torch.stack(att).float().cpu() if toks else torch.zeros(0, n))
-    return DecodeResult(seqs, scores, atts if has_att else None)
+    attention = None
+    if hist_att is not None:
+        attention = torch.stack(att[:cut]).float().cpu() if cut else torch.zeros(0, hist_att[0].shape[-1])
+    return Hypothesis(toks[:cut], float(norm), attention)
 
 
 def sequence_logprob(model: nn.Module, memory: Tensor | None, seq: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.baselines import nearest_neighbour_scores, pooled_features
+from pipeline.baselines import nearest_images, nearest_neighbour_scores, pooled_features
 from pipeline.data.coco import read_captions
 from pipeline.data.tokenize import detokenize
 from pipeline.decoding import Hypothesis, beam_error_analysis, beam_search
@@ -21,7 +21,7 @@ from pipeline.inference import generate
 from pipeline.metrics import bits, caption_flaws, caption_scores, nltk_bleu4, perplexity, unigram_cross_entropy
 from pipeline.params import EvaluateParams, Params
 from pipeline.report.examples import CaptionExample, CaptionExamples, Examples, LanguageModelSamples
-from pipeline.rerank import nearest_images, rerank
+from pipeline.rerank import rerank
 from pipeline.training.checkpoints import load_module
 from pipeline.training.datamodules import CaptionDataModule, LanguageModelDataModule
 from pipeline.training.fit import build_datamodule, vocabulary
@@ -66,10 +66,12 @@ def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: s
         images = batch["images"].to(module.device)
         memory = model.encode(images)
         result = beam_search(model, memory, len(images), e.beam_size, module.model_cfg.max_len, e.alpha,
-                             e.no_repeat_ngram, n_best=True)
+                             e.no_repeat_ngram, n_best=e.rerank_neighbours > 0)
         attends = result.attention is not None
         keys = batch["image_index"].tolist()
-        beams.update(zip(keys, result.candidates, strict=True))
+        attention = result.attention or [None] * len(keys)
+        beams.update(zip(keys, result.candidates or [[Hypothesis(*best)] for best in zip(
+            result.tokens, result.scores, attention, strict=True)], strict=True))  # the best alone unless reranking
         ref_ids = [[module.vocab.encode(r.split()) for r in refs[k]] for k in keys]
         analysis = beam_error_analysis(model, memory, ref_ids, result.tokens, e.alpha)  # of the beam's best
         search_errors += analysis["search_errors"]

@@ -1,29 +1,19 @@
 """Consensus reranking (Devlin et al. 2015): the captioner proposes, the nearest training images vote.
 
 Beam search finishes several captions per image. Of those, keep the one whose mean CIDEr-D against the
-reference captions of the image's `k` nearest training images (cosine on the captioner's own pooled encoder
-features) is highest, plus `weight` times its length-normalised log-probability. The output is always one of
-the model's own captions: the neighbours only choose among them, so nothing is copied from the training set.
+reference captions of the image's `k` nearest training images (`baselines.nearest_images`: cosine on the
+captioner's own pooled encoder features) is highest, plus `weight` times its length-normalised log-probability.
+The output is always one of the model's own captions: the neighbours only choose among them, so nothing is
+copied from the training set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from torch import Tensor
-
 from pipeline.training.scst import CiderD
 
 Candidates = Sequence[tuple[str, float]]  # (caption, beam score), best first
-
-
-def nearest_images(train: tuple[list[int], Tensor], queries: tuple[list[int], Tensor], k: int) -> dict[int, list[int]]:
-    """For each query image, the keys of its k most similar training images, most similar first."""
-    train_keys, train_feats = train
-    query_keys, query_feats = queries
-    k = min(k, len(train_keys))
-    nearest = (query_feats @ train_feats.T).topk(k, dim=1).indices.tolist()  # (Q, T) cosine -> (Q, k)
-    return {q: [train_keys[i] for i in row] for q, row in zip(query_keys, nearest, strict=True)}
 
 
 def consensus(caption: str, neighbours: Sequence[int], cider: CiderD) -> float:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pipeline.baselines import nearest_neighbour_captions, pooled_features
+from pipeline.baselines import nearest_images, nearest_neighbour_captions, pooled_features
 from pipeline.metrics import consensus_captions
 
 REFS = {
@@ -64,3 +65,10 @@ def test_caption_flaws_count_unknown_words_and_repeated_trigrams():
     hyps = {1: "a table with a table with a chair", 2: "a <unk> on a bed", 3: "a dog on a dog bed", 4: "a cat"}
     assert caption_flaws(hyps) == {"captions_with_unk": 1, "captions_with_repeated_3gram": 1}  # "a table with"
     assert caption_flaws(hyps, n=2)["captions_with_repeated_2gram"] == 2  # and "a dog"
+
+
+def test_nearest_images_are_the_most_similar_training_images_best_first():
+    train = ([10, 11, 12, 13], F.normalize(torch.tensor([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]]), dim=1))
+    queries = ([0, 1], F.normalize(torch.tensor([[1, 0.05, 0], [0, 0.2, 1]]), dim=1))
+    assert nearest_images(train, queries, 2) == {0: [10, 11], 1: [13, 12]}
+    assert nearest_images(train, queries, 9)[0] == [10, 11, 12, 13]  # k is capped at the training set

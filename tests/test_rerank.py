@@ -1,13 +1,11 @@
-"""Consensus reranking: neighbours by cosine, the candidate the neighbours' captions agree with, the beam's own
-order kept where they do not care."""
+"""Consensus reranking: the candidate the neighbours' captions agree with, the beam's own order kept where they
+do not care."""
 
 from __future__ import annotations
 
 import pytest
-import torch
-import torch.nn.functional as F
 
-from pipeline.rerank import consensus, nearest_images, rerank
+from pipeline.rerank import consensus, rerank
 from pipeline.training.scst import CiderD
 
 TRAIN_REFS = {
@@ -16,17 +14,6 @@ TRAIN_REFS = {
     12: ["a blue square on the right", "a blue square at the right", "blue square right of the image"],
     13: ["a green triangle in the middle", "a green triangle at the centre", "green triangle middle"],
 }
-
-
-def features(rows: list[list[float]]) -> torch.Tensor:
-    return F.normalize(torch.tensor(rows), dim=1)
-
-
-def test_nearest_images_are_the_most_similar_training_images_best_first():
-    train = ([10, 11, 12, 13], features([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]]))
-    queries = ([0, 1], features([[1, 0.05, 0], [0, 0.2, 1]]))
-    assert nearest_images(train, queries, 2) == {0: [10, 11], 1: [13, 12]}
-    assert nearest_images(train, queries, 9)[0] == [10, 11, 12, 13]  # k is capped at the training set
 
 
 def test_the_neighbours_pick_the_caption_they_agree_with_over_the_beams_favourite():
