@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, ROOT, SHARED_DATA, machine, now
 from pipeline.io import write_json
-from pipeline.params import Params, load_params, parse_assignments
+from pipeline.params import Params, apply_overrides, load_params, parse_assignments, validate_params
 
 log = logging.getLogger("bench.coco_quality")
 
@@ -42,6 +42,7 @@ REAL_IMAGES: dict[str, Any] = {
     "train.captioner.scst_epochs": 10,
     "evaluate.beam_size": 5, "evaluate.meteor": True, "evaluate.rerank_neighbours": 10,
 }
+MEMBERS = 3  # captioners per split decoded as one ensemble (each ~2.3 min of training on one AMD EPYC thread)
 SHOWN = ("bleu_4", "meteor", "cider")
 FLAWS = ("captions_with_unk", "captions_with_repeated_3gram")
 CONSTANT_CAPTION = "a man is sitting on a table with a plate of food ."  # frequent COCO words, one for all
@@ -58,8 +59,20 @@ def split_params(root: Path, split: int, overrides: dict[str, Any]) -> Params:
         "seed": 1000 + split, **REAL_IMAGES, **overrides})
 
 
-def run_split(p: Params) -> dict[str, Any]:
-    """Prepare, extract, train and evaluate one held-out split; its scores, baselines and caption flaws."""
+def member_params(p: Params, member: int) -> Params:
+    """The same recipe and prepared split for ensemble member `member` >= 1: its own seed and models folder."""
+    return with_settings(p, {"seed": p.seed + 100 * member,
+                             "paths.models": str(Path(p.paths.models).with_name(f"models-member-{member}"))})
+
+
+def with_settings(p: Params, settings: dict[str, Any]) -> Params:
+    """p with dotted keys set, validated again."""
+    return validate_params(apply_overrides(p.to_dict(), settings))
+
+
+def run_split(p: Params, members: int = 1) -> dict[str, Any]:
+    """Prepare, extract, train (`members` captioners, seeds apart) and evaluate one held-out split, decoding the
+    members as one ensemble; its scores, baselines and caption flaws."""
     from pipeline.evaluation import evaluate
     from pipeline.metrics import caption_scores
     from pipeline.runtime import set_threads
@@ -75,14 +88,15 @@ def run_split(p: Params) -> dict[str, Any]:
             embeddings.run(p)
     started = time.perf_counter()
     result = train(p, "captioner", logger=False)
+    others = [train(member_params(p, i), "captioner", logger=False).best_checkpoint for i in range(1, members)]
     train_s = time.perf_counter() - started
-    scores = evaluate(p, "captioner", result.best_checkpoint)
+    scores = evaluate(with_settings(p, {"evaluate.captioner_ensemble": others}), "captioner", result.best_checkpoint)
     refs = CaptionDataModule(p.paths.coco, None, 1, 1, 0, p.seed).references("test")
     constant = caption_scores(refs, {k: CONSTANT_CAPTION for k in refs}, meteor=False)
     return {**{k: scores[k] for k in (*SHOWN, *FLAWS)}, **{f"nn_{k}": scores[f"nn_{k}"] for k in SHOWN},
             **{k: scores[k] for k in ("beam_cider", "reranked_fraction") if k in scores},
             "constant_cider": constant["cider"], "constant_bleu_4": constant["bleu_4"], "images": scores["images"],
-            "epochs": result.epochs, "train_seconds": round(train_s, 1)}
+            "epochs": result.epochs, "members": members, "train_seconds": round(train_s, 1)}
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -94,14 +108,15 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
     return out
 
 
-def table(agg: dict[str, list[float]]) -> str:
+def table(agg: dict[str, list[float]], members: int) -> str:
     """Markdown: the model, the nearest-neighbour caption and the constant caption, mean ± sd."""
     def cell(key: str) -> str:
         return f"{agg[key][0]:.3f} ± {agg[key][1]:.3f}" if key in agg else "n/a"
 
     lines = ["| system | BLEU-4 | METEOR | CIDEr |", "|---|---|---|---|",
-             f"| capline ({REAL_IMAGES['models.captioner.arch']}, frozen "
-             f"{REAL_IMAGES['models.captioner.encoder']}) | {cell('bleu_4')} | {cell('meteor')} | {cell('cider')} |",
+             f"| capline ({REAL_IMAGES['models.captioner.arch']}, frozen {REAL_IMAGES['models.captioner.encoder']}"
+             f"{f', ensemble of {members}' if members > 1 else ''}) | {cell('bleu_4')} | {cell('meteor')} | "
+             f"{cell('cider')} |",
              f"| the same model, beam's own best caption (no reranking) | n/a | n/a | {cell('beam_cider')} |",
              f"| nearest training image's caption | {cell('nn_bleu_4')} | {cell('nn_meteor')} | {cell('nn_cider')} |",
              f"| one constant caption | {cell('constant_bleu_4')} | n/a | {cell('constant_cider')} |"]
@@ -112,23 +127,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.coco_quality", description=__doc__.splitlines()[0])
     parser.add_argument("--splits", type=int, default=5, help="held-out splits (seeds 1000, 1001, ...)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe")
+    parser.add_argument("--members", type=int, default=MEMBERS,
+                        help=f"captioners per split (seeds 100 apart) decoded as one ensemble (default {MEMBERS})")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="work in DIR and keep it (prepared splits, checkpoints, captions); default: a temp dir")
     args = parser.parse_args(argv)
     if not (COCO / "annotations" / "captions.json").is_file():
         sys.exit(f"bench.coco_quality: needs {COCO} (../shared/data/coco-sample)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = parse_assignments(args.set)
     runs = []
-    with tempfile.TemporaryDirectory(prefix="capline-coco-quality-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = args.keep or stack.enter_context(tempfile.TemporaryDirectory(prefix="capline-coco-quality-"))
         for split in range(args.splits):
-            runs.append(run_split(split_params(Path(tmp), split, overrides)))
+            runs.append(run_split(split_params(Path(tmp), split, overrides), args.members))
             log.info("split %d: %s", split, json.dumps(runs[-1]))
     agg = summary(runs)
     ratio = [r["cider"] / r["nn_cider"] for r in runs if r["nn_cider"] > 0]
     record = {"date": now(), "machine": machine(), "command": "python -m bench.coco_quality " + " ".join(
-        f"--set {s}" for s in args.set) + f" --splits {args.splits}", "recipe": {**REAL_IMAGES, **overrides},
+        f"--set {s}" for s in args.set) + f" --splits {args.splits} --members {args.members}",
+        "recipe": {**REAL_IMAGES, **overrides}, "members": args.members,
         "splits": runs, "summary": agg, "cider_over_nn": statistics.fmean(ratio) if ratio else None}
     write_json(RESULTS_DIR / "coco_quality.json", record)
-    print(table(agg))
+    print(table(agg, args.members))
     print(f"CIDEr / nearest-neighbour CIDEr: {record['cider_over_nn']:.2f} (mean over splits); captions with "
           f"<unk>: {sum(r['captions_with_unk'] for r in runs)}, with a repeated trigram: "
           f"{sum(r['captions_with_repeated_3gram'] for r in runs)} of {sum(r['images'] for r in runs)}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline.baselines import nearest_images, nearest_neighbour_scores, pooled_features
 from pipeline.data.coco import read_captions
@@ -19,6 +20,7 @@ from pipeline.decoding import Hypothesis, beam_error_analysis, beam_search
 from pipeline.families import family as family_record
 from pipeline.inference import generate
 from pipeline.metrics import bits, caption_flaws, caption_scores, nltk_bleu4, perplexity, unigram_cross_entropy
+from pipeline.models.ensemble import CaptionerEnsemble
 from pipeline.params import EvaluateParams, Params
 from pipeline.report.examples import CaptionExample, CaptionExamples, Examples, LanguageModelSamples
 from pipeline.rerank import rerank
@@ -52,11 +54,14 @@ class Decoded:
 
 @torch.no_grad()
 def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: str, e: EvaluateParams,
-                       shown: int, attended: int, neighbours: dict[int, list[int]] | None = None) -> Evaluation:
-    """Beam-search captions (n-gram block e.no_repeat_ngram) for every image of `split`, consensus-reranked over
-    `neighbours` (each image's nearest training images) when e.rerank_neighbours > 0; coco-caption metrics,
-    NLTK BLEU-4, error split; the first `shown` images' captions (`attended` with attention maps) as examples."""
-    model, vocab = module.model, module.vocab_tokens
+                       shown: int, attended: int, neighbours: dict[int, list[int]] | None = None,
+                       model: nn.Module | None = None) -> Evaluation:
+    """Beam-search captions (n-gram block e.no_repeat_ngram) of `model` (default: the module's; or an ensemble of
+    it) for every image of `split`, consensus-reranked over `neighbours` (each image's nearest training images)
+    when e.rerank_neighbours > 0; coco-caption metrics, NLTK BLEU-4, error split; the first `shown` images'
+    captions (`attended` with attention maps) as examples."""
+    model, vocab = model or module.model, module.vocab_tokens
+    members = len(model.members) if isinstance(model, CaptionerEnsemble) else 1
     refs = dm.references(split)
     beams: dict[int, list[Hypothesis]] = {}
     search_errors = items = 0
@@ -92,12 +97,13 @@ def evaluate_captioner(module: CaptioningModule, dm: CaptionDataModule, split: s
     scores = caption_scores({k: refs[k] for k in hyps}, hyps, meteor=e.meteor)
     metrics = {**scores, "nltk_bleu_4": nltk_bleu4({k: refs[k] for k in hyps}, hyps),
                "beam_size": e.beam_size, "alpha": e.alpha, "no_repeat_ngram": e.no_repeat_ngram,
-               "rerank_neighbours": e.rerank_neighbours, **extra, "images": len(hyps),
+               "rerank_neighbours": e.rerank_neighbours, "ensemble_members": members, **extra, "images": len(hyps),
                "search_error_fraction": search_errors / max(1, items),
                "model_error_fraction": (items - search_errors) / max(1, items), **caption_flaws(hyps)}
     images = [caption_example(rec, decoded[rec["image_index"]])
               for rec in read_captions(dm.coco_dir / split / "captions.jsonl")[:shown]]
-    decoding = {k: metrics[k] for k in ("beam_size", "alpha", "no_repeat_ngram", "rerank_neighbours")}
+    decoding = {k: metrics[k] for k in ("beam_size", "alpha", "no_repeat_ngram", "rerank_neighbours",
+                                        "ensemble_members")}
     return Evaluation(metrics, CaptionExamples(module.model_cfg.arch, attends, decoding, images))
 
 
@@ -151,6 +157,22 @@ def lm_samples(module: LanguageModelModule, prompt: str, length: int, temperatur
                                                         for t in temperatures])
 
 
+def captioner_ensemble(module: CaptioningModule, extra: list[str], checkpoint: str | Path) -> nn.Module | None:
+    """The module's captioner decoded together with those of the `extra` checkpoints; None without any."""
+    if not extra:
+        return None
+    members = [module.model]
+    for path in extra:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"evaluate.captioner_ensemble: {path}: no such checkpoint file")
+        other = load_module("captioner", path, str(module.device))
+        if other.vocab_tokens != module.vocab_tokens:
+            raise ValueError(f"evaluate.captioner_ensemble: {path} was trained on another vocabulary than "
+                             f"{checkpoint} (ensemble members need the same vocab stage output)")
+        members.append(other.model)
+    return CaptionerEnsemble(members).eval()
+
+
 def run_evaluation(p: Params, family: str, checkpoint: str | Path, split: str = "test") -> Evaluation:
     """Load a checkpoint and score it on `split` with the `evaluate` params; what the report shows beside."""
     module = load_module(family, checkpoint, device_for(p))
@@ -162,7 +184,8 @@ def run_evaluation(p: Params, family: str, checkpoint: str | Path, split: str = 
         train = pooled_features(encoder, dm.images_dataloader("train"), module.device)
         queries = pooled_features(encoder, dm.images_dataloader(split), module.device)
         neighbours = nearest_images(train, queries, e.rerank_neighbours) if e.rerank_neighbours else None
-        result = evaluate_captioner(module, dm, split, e, r.test_images, r.attention_images, neighbours)
+        result = evaluate_captioner(module, dm, split, e, r.test_images, r.attention_images, neighbours,
+                                    captioner_ensemble(module, e.captioner_ensemble, checkpoint))
         result.metrics.update(nearest_neighbour_scores(train, queries, dm.references("train"), dm.references(split),
                                                        e.meteor))
     else:

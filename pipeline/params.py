@@ -353,6 +353,7 @@ class EvaluateParams(Section):
     no_repeat_ngram: int = Field(ge=0)  # 0: off
     rerank_neighbours: int = Field(ge=0)  # 0: off
     rerank_weight: float = Field(ge=0.0)
+    captioner_ensemble: list[str]  # extra checkpoints decoded with the evaluated captioner; []: none
 
 
 class ServeParams(Section):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -67,8 +68,9 @@ def test_evaluate_captioner_metrics_and_the_captions_kept_for_the_report(trained
         assert (ex.image_id, ex.file_name) == (record["image_id"], record["file_name"])
         assert ex.references == [detokenize(c) for c in record["captions"]]
     assert shown.decoding == {"beam_size": p.evaluate.beam_size, "alpha": p.evaluate.alpha,
-                              "no_repeat_ngram": p.evaluate.no_repeat_ngram, "rerank_neighbours": 0}
-    assert "beam_cider" not in m and m["rerank_neighbours"] == 0
+                              "no_repeat_ngram": p.evaluate.no_repeat_ngram, "rerank_neighbours": 0,
+                              "ensemble_members": 1}
+    assert "beam_cider" not in m and m["rerank_neighbours"] == 0 and m["ensemble_members"] == 1
     assert (shown.arch, shown.attends) == ("show_attend_tell", True)
     kept = p.report.attention_images
     assert all(ex.attention is None for ex in shown.images[kept:])  # only report.attention_images of them
@@ -76,6 +78,40 @@ def test_evaluate_captioner_metrics_and_the_captions_kept_for_the_report(trained
         att = ex.attention
         assert att.dtype == np.float16 and att.shape[0] >= len(ex.words)  # (T, N), T = words (+1 for <end>)
         np.testing.assert_allclose(att.astype(np.float32).sum(axis=1), 1.0, atol=1e-2)  # softmax over positions
+
+
+def test_an_ensemble_decodes_the_evaluated_captioner_with_the_listed_checkpoints(trained, tmp_path, monkeypatch):
+    p = trained["params"]
+    other = validate_params(apply_overrides(p.to_dict(), {"seed": 7, "paths.models": str(tmp_path / "models")}))
+    second = train(other, "captioner", logger=False).best_checkpoint
+    used = []
+
+    def spy(model, *args, **kwargs):
+        used.append(model)
+        return decoding.beam_search(model, *args, **kwargs)
+
+    monkeypatch.setattr("pipeline.evaluation.beam_search", spy)
+    q = validate_params(apply_overrides(p.to_dict(), {"evaluate.captioner_ensemble": [str(second)]}))
+    result = run_evaluation(q, "captioner", checkpoint_path(p, "captioner"))
+    assert result.metrics["ensemble_members"] == 2 and result.examples.decoding["ensemble_members"] == 2
+    ensemble = used[0]
+    first, member = load_module("captioner", checkpoint_path(p, "captioner")), load_module("captioner", second)
+    for model, expected in zip(ensemble.members, (first.model, member.model), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     expected.state_dict().values(), strict=True))
+    assert not torch.equal(first.model.out.weight, member.model.out.weight)  # two different members
+
+    ckpt = torch.load(second, map_location="cpu", weights_only=True)
+    tokens = ckpt["hyper_parameters"]["vocab_tokens"]
+    tokens[-1], tokens[-2] = tokens[-2], tokens[-1]  # the same words in another order: another vocabulary
+    torch.save(ckpt, tmp_path / "other-vocab.ckpt")
+    r = validate_params(apply_overrides(p.to_dict(), {"evaluate.captioner_ensemble": [str(tmp_path /
+                                                                                         "other-vocab.ckpt")]}))
+    with pytest.raises(ValueError, match="other-vocab.ckpt was trained on another vocabulary"):
+        run_evaluation(r, "captioner", checkpoint_path(p, "captioner"))
+    r = validate_params(apply_overrides(p.to_dict(), {"evaluate.captioner_ensemble": [str(tmp_path / "gone.ckpt")]}))
+    with pytest.raises(FileNotFoundError, match="evaluate.captioner_ensemble: .*gone.ckpt: no such checkpoint"):
+        run_evaluation(r, "captioner", checkpoint_path(p, "captioner"))
 
 
 def test_reranked_captions_are_the_beam_candidates_the_nearest_training_images_agree_with(trained, monkeypatch):

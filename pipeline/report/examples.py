@@ -44,7 +44,7 @@ class CaptionExamples:
 
     arch: str
     attends: bool  # the model has per-word soft attention (whether or not any map was kept)
-    decoding: dict[str, Any]  # beam_size, alpha, no_repeat_ngram, rerank_neighbours: those of the scores beside them
+    decoding: dict[str, Any]  # beam_size, alpha, no_repeat_ngram, rerank_neighbours, ensemble_members: as scored
     images: list[CaptionExample]
 
     def save(self, folder: Path) -> None:
@@ -94,6 +94,7 @@ def read_caption_examples(folder: Path) -> CaptionExamples | None:
         images = [_caption_example(folder, row) for row in data["images"]]
         decoding = {k: data[k] for k in ("beam_size", "alpha", "no_repeat_ngram")}
         decoding["rerank_neighbours"] = data.get("rerank_neighbours", 0)  # absent from files before reranking
+        decoding["ensemble_members"] = data.get("ensemble_members", 1)  # absent from files before ensembles
         return CaptionExamples(str(data["arch"]), bool(data["attends"]), decoding, images)
     except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: not a captions file of evaluate@captioner ({type(err).__name__}: {err})") from None

@@ -21,7 +21,7 @@ from pipeline.report.figures import (
 from pipeline.report.sources import CaptionedImage
 
 CAPTION_SCORES = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "beam_cider", "beam_size",
-                  "rerank_neighbours", "search_error_fraction", "images")
+                  "rerank_neighbours", "ensemble_members", "search_error_fraction", "images")
 LM_SCORES = ("level", "test_loss", "perplexity", "bits_per_char", "unigram_bits_per_char")
 SHOWN_PIXELS = 128  # test images are small (prepare_coco.image_size): shown at least this wide
 

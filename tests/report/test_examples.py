@@ -19,7 +19,7 @@ from pipeline.report.examples import (
 )
 from pipeline.report.sources import captioned_images
 
-DECODING = {"beam_size": 3, "alpha": 0.7, "no_repeat_ngram": 3, "rerank_neighbours": 10}
+DECODING = {"beam_size": 3, "alpha": 0.7, "no_repeat_ngram": 3, "rerank_neighbours": 10, "ensemble_members": 2}
 
 
 def examples(attention_rows: int = 2) -> CaptionExamples:
@@ -44,9 +44,10 @@ def test_captions_round_trip_with_half_precision_attention(tmp_path):
     assert second.attention is None and second.caption == "a square."
     assert read_caption_examples(tmp_path / "absent") is None
     older = json.loads((tmp_path / "captioner" / "captions.json").read_text())
-    del older["rerank_neighbours"]  # written before reranking existed: read as not reranked
-    (tmp_path / "captioner" / "captions.json").write_text(json.dumps(older))
-    assert read_caption_examples(tmp_path / "captioner").decoding == {**DECODING, "rerank_neighbours": 0}
+    del older["rerank_neighbours"], older["ensemble_members"]  # written before reranking and ensembles existed:
+    (tmp_path / "captioner" / "captions.json").write_text(json.dumps(older))  # read as one model, not reranked
+    assert read_caption_examples(tmp_path / "captioner").decoding == {**DECODING, "rerank_neighbours": 0,
+                                                                       "ensemble_members": 1}
 
 
 def test_a_new_evaluation_replaces_the_folder_whole(tmp_path):
