@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.coco_quality import member_params, split_params
 from bench.common import Figure, merge_results, time_runs
 from bench.flops import counted_flops, lm_flops_per_token, matmul_weights
 from bench.recipes import RECIPES, _figures, child
@@ -91,3 +92,14 @@ def test_recipe_children_train_and_report_finite_losses(name, tmp_path: Path, ca
     assert all(math.isfinite(r["val_loss"]) and r["val_loss"] > 0 for r in evals)
     [figure] = _figures(name, cfg, records[0]["wall"], records)
     assert figure.value is None and figure.ok is False and "not reached" in figure.note  # target 0 never met
+
+
+def test_coco_quality_ensemble_members_differ_from_the_first_model_only_in_seed_and_models_folder(tmp_path):
+    first = split_params(tmp_path, 2, {})
+    members = [member_params(first, i) for i in (1, 2)]
+    assert [m.seed for m in members] == [first.seed + 100, first.seed + 200]
+    assert [m.paths.models for m in members] == [str(tmp_path / "split-2" / f"models-member-{i}") for i in (1, 2)]
+    for member in members:  # the same prepared split, vocabulary, features and recipe
+        same = {**member.to_dict(), "seed": first.seed}
+        same["paths"] = {**same["paths"], "models": first.paths.models}
+        assert same == first.to_dict()
