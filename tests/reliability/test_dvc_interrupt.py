@@ -114,7 +114,9 @@ def test_an_interrupted_final_training_continues_from_its_checkpoint_on_the_next
     out = sh(repo, "dvc", "repro", "train@lstm_lm")
     after = [int(e) for e in re.findall(r"train lstm_lm: epoch (\d+)/60", out)]
     assert "continuing the interrupted run" in out
-    assert after[0] > 3 and after[0] >= before[-1] and after[-1] == 60  # went on, not from epoch 1
+    # went on, not from epoch 1: from the epoch after the last one printed, or that one again when Ctrl-C came
+    # between its line and its checkpoint (the line is printed first; a loaded machine hits that window)
+    assert before[-1] <= after[0] <= before[-1] + 1 and after[-1] == 60
     metrics = json.loads((repo / "metrics" / "train_lstm_lm.json").read_text())
     assert metrics["epochs"] == 60 and not (repo / "artifacts" / "models" / "lstm_lm" / "resume_key.json").exists()
     assert ran(sh(repo, "dvc", "repro", "train@lstm_lm")) == set()
