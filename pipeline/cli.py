@@ -236,22 +236,35 @@ def evaluate(family: Annotated[Family, typer.Argument(help="Model family to scor
 def caption(
     images: Annotated[list[Path], typer.Argument(help="Image files to caption.")],
     beam: Annotated[int | None, typer.Option(help="Beam width (default: evaluate.beam_size).")] = None,
+    ensemble: Annotated[list[Path] | None, typer.Option(
+        "--ensemble", help="Another captioner checkpoint to decode together with it (repeatable; default: "
+        "evaluate.captioner_ensemble).")] = None,
+    rerank: Annotated[int | None, typer.Option(
+        min=0, help="Keep the beam's caption that the k nearest prepared training images agree with (0: off; "
+        "default: evaluate.rerank_neighbours).")] = None,
     attention_out: Annotated[Path | None, typer.Option(
         help="Folder for per-word attention overlays (PNG; show_attend_tell only).")] = None,
     checkpoint: CheckpointOpt = None, params: ParamsOpt = DEFAULT_PATH, set_: SetOpt = None,
 ) -> None:
-    """Caption image files with a trained captioner."""
+    """Caption image files with a trained captioner (decoded as evaluate@captioner decodes: ensemble, reranking)."""
     from PIL import Image
 
+    from pipeline.evaluation import caption_neighbours, captioner_ensemble
     from pipeline.inference import caption_files, load_images
     from pipeline.report.figures import attention_strip
     from pipeline.training.checkpoints import checkpoint_path, load_module
 
     p = _load(params, set_)
     set_threads(p.runtime.threads)
-    module = load_module("captioner", checkpoint or checkpoint_path(p, "captioner"))
+    path = checkpoint or checkpoint_path(p, "captioner")
+    module = load_module("captioner", path)
+    members = p.evaluate.captioner_ensemble if ensemble is None else [str(m) for m in ensemble]
+    model = captioner_ensemble(module, members, path, "evaluate.captioner_ensemble" if ensemble is None
+                               else "--ensemble")
+    k = p.evaluate.rerank_neighbours if rerank is None else rerank
+    neighbours = caption_neighbours(p, module, k) if k > 0 else None
     results, bad = caption_files(module, images, beam or p.evaluate.beam_size, p.evaluate.alpha,
-                                 no_repeat_ngram=p.evaluate.no_repeat_ngram)
+                                 no_repeat_ngram=p.evaluate.no_repeat_ngram, model=model, neighbours=neighbours)
     for result in results:
         typer.echo(f"{result.path}: {result.text}")
         if attention_out is not None and result.attention is not None:

@@ -11,12 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
+from pipeline.baselines import nearest_images, pooled_features
 from pipeline.data.images import ImageLimits, ImageSkip, load_image
 from pipeline.data.tokenize import detokenize, tokenize
-from pipeline.decoding import beam_search, generate_text
+from pipeline.decoding import Hypothesis, beam_search, generate_text
+from pipeline.rerank import rerank
 from pipeline.tokens import END_ID
 from pipeline.training.modules import CaptioningModule, LanguageModelModule
+from pipeline.training.scst import CiderD
 
 
 @dataclass
@@ -43,32 +47,66 @@ def load_images(paths: list[Path], size: int) -> np.ndarray:
     return np.stack(arrays)
 
 
+@dataclass
+class Neighbours:
+    """What consensus reranking (pipeline.rerank) needs: the training images' pooled encoder features
+    (image_index list, (N, C)), a CIDEr-D over their reference captions, how many vote, the beam score's weight."""
+
+    train: tuple[list[int], Tensor]
+    cider: CiderD
+    k: int
+    weight: float = 0.0
+
+
 @torch.no_grad()
 def caption_array(module: CaptioningModule, images: np.ndarray, beam_size: int, alpha: float, *,
-                  no_repeat_ngram: int = 0) -> list[tuple[list[str], torch.Tensor | None]]:
+                  no_repeat_ngram: int = 0, model: nn.Module | None = None,
+                  neighbours: Neighbours | None = None) -> list[tuple[list[str], torch.Tensor | None]]:
     """Beam-search captions of prepared images (B, 3, S, S) uint8: each caption's words and attention.
 
-    no_repeat_ngram: the n-gram block of beam_search (evaluate.no_repeat_ngram; 0: off).
+    no_repeat_ngram: the n-gram block of beam_search (evaluate.no_repeat_ngram; 0: off). model: what decodes
+    (default the module's own; e.g. a CaptionerEnsemble of it). neighbours: keep, of the beam's finished
+    captions, the one the nearest training images agree with (what evaluate@captioner scores with
+    evaluate.rerank_neighbours); images are matched on the module's own encoder, as in evaluation.
     """
+    model = model if model is not None else module.model
     batch = torch.from_numpy(images).to(module.device)
-    memory = module.model.encode(batch)
-    result = beam_search(module.model, memory, len(images), beam_size, module.model_cfg.max_len, alpha,
-                         no_repeat_ngram)
-    vocab = module.vocab_tokens
+    memory = model.encode(batch)
+    result = beam_search(model, memory, len(images), beam_size, module.model_cfg.max_len, alpha,
+                         no_repeat_ngram, n_best=neighbours is not None)
     attention = result.attention or [None] * len(images)
-    return [([vocab[t] for t in tokens], att) for tokens, att in zip(result.tokens, attention, strict=True)]
+    best = [Hypothesis(*h) for h in zip(result.tokens, result.scores, attention, strict=True)]
+    if neighbours is not None:
+        best = _reranked(module, batch, result.candidates or [[h] for h in best], neighbours)
+    vocab = module.vocab_tokens
+    return [([vocab[t] for t in h.tokens], h.attention) for h in best]
+
+
+def _reranked(module: CaptioningModule, batch: Tensor, candidates: list[list[Hypothesis]],
+              neighbours: Neighbours) -> list[Hypothesis]:
+    """Per image (B, 3, S, S), the candidate of highest consensus among its neighbours.k nearest training images."""
+    indices = torch.arange(len(batch))
+    queries = pooled_features(module.model.encoder, [{"images": batch, "image_index": indices}], module.device)
+    nearest = nearest_images(neighbours.train, queries, neighbours.k)
+    vocab = module.vocab_tokens
+    options = {i: [(" ".join(vocab[t] for t in h.tokens), h.score) for h in hyps] for i, hyps in enumerate(candidates)}
+    chosen = rerank(options, nearest, neighbours.cider, neighbours.weight)
+    return [hyps[chosen[i]] for i, hyps in enumerate(candidates)]
 
 
 def caption_images(module: CaptioningModule, paths: list[Path], beam_size: int, alpha: float, *,
-                   no_repeat_ngram: int = 0) -> list[Caption]:
-    """Beam-search captions for image files (a bad file is an error naming it)."""
+                   no_repeat_ngram: int = 0, model: nn.Module | None = None,
+                   neighbours: Neighbours | None = None) -> list[Caption]:
+    """Beam-search captions for image files (a bad file is an error naming it); model, neighbours: caption_array's."""
     images = load_images(paths, int(module.hparams["image_size"]))
-    captions = caption_array(module, images, beam_size, alpha, no_repeat_ngram=no_repeat_ngram)
+    captions = caption_array(module, images, beam_size, alpha, no_repeat_ngram=no_repeat_ngram, model=model,
+                             neighbours=neighbours)
     return [Caption(path, words, att) for path, (words, att) in zip(paths, captions, strict=True)]
 
 
 def caption_files(module: CaptioningModule, paths: list[Path], beam_size: int, alpha: float, *,
-                  no_repeat_ngram: int = 0) -> tuple[list[Caption], list[str]]:
+                  no_repeat_ngram: int = 0, model: nn.Module | None = None,
+                  neighbours: Neighbours | None = None) -> tuple[list[Caption], list[str]]:
     """Captions of the usable files among `paths`, and one message per file that could not be used."""
     good, bad = [], []
     for path in paths:
@@ -77,7 +115,10 @@ def caption_files(module: CaptioningModule, paths: list[Path], beam_size: int, a
             good.append(path)
         except ValueError as err:
             bad.append(str(err))
-    return (caption_images(module, good, beam_size, alpha, no_repeat_ngram=no_repeat_ngram) if good else []), bad
+    if not good:
+        return [], bad
+    return caption_images(module, good, beam_size, alpha, no_repeat_ngram=no_repeat_ngram, model=model,
+                          neighbours=neighbours), bad
 
 
 def prompt_ids(module: LanguageModelModule, prompt: str) -> list[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from pipeline import decoding
 from pipeline.cli import app
 from pipeline.data.coco import read_captions
 from pipeline.data.tokenize import detokenize
-from pipeline.evaluation import evaluate, run_evaluation
+from pipeline.evaluation import caption_neighbours, evaluate, run_evaluation
 from pipeline.inference import caption_images, generate, prompt_ids
 from pipeline.metrics import caption_scores
 from pipeline.params import apply_overrides, load_params, validate_params
@@ -80,10 +82,17 @@ def test_evaluate_captioner_metrics_and_the_captions_kept_for_the_report(trained
         np.testing.assert_allclose(att.astype(np.float32).sum(axis=1), 1.0, atol=1e-2)  # softmax over positions
 
 
-def test_an_ensemble_decodes_the_evaluated_captioner_with_the_listed_checkpoints(trained, tmp_path, monkeypatch):
-    p = trained["params"]
-    other = validate_params(apply_overrides(p.to_dict(), {"seed": 7, "paths.models": str(tmp_path / "models")}))
-    second = train(other, "captioner", logger=False).best_checkpoint
+@pytest.fixture(scope="module")
+def second_captioner(trained, tmp_path_factory) -> Path:
+    """Another captioner like trained's, from another seed: an ensemble member."""
+    models = tmp_path_factory.mktemp("second") / "models"
+    other = validate_params(apply_overrides(trained["params"].to_dict(), {"seed": 7, "paths.models": str(models)}))
+    return Path(train(other, "captioner", logger=False).best_checkpoint)
+
+
+def test_an_ensemble_decodes_the_evaluated_captioner_with_the_listed_checkpoints(trained, second_captioner, tmp_path,
+                                                                                  monkeypatch):
+    p, second = trained["params"], second_captioner
     used = []
 
     def spy(model, *args, **kwargs):
@@ -107,10 +116,10 @@ def test_an_ensemble_decodes_the_evaluated_captioner_with_the_listed_checkpoints
     torch.save(ckpt, tmp_path / "other-vocab.ckpt")
     r = validate_params(apply_overrides(p.to_dict(), {"evaluate.captioner_ensemble": [str(tmp_path /
                                                                                          "other-vocab.ckpt")]}))
-    with pytest.raises(ValueError, match="other-vocab.ckpt was trained on another vocabulary"):
+    with pytest.raises(ValueError, match="evaluate.captioner_ensemble: .*other-vocab.ckpt was trained on another voc"):
         run_evaluation(r, "captioner", checkpoint_path(p, "captioner"))
     r = validate_params(apply_overrides(p.to_dict(), {"evaluate.captioner_ensemble": [str(tmp_path / "gone.ckpt")]}))
-    with pytest.raises(FileNotFoundError, match="evaluate.captioner_ensemble: .*gone.ckpt: no such checkpoint"):
+    with pytest.raises(FileNotFoundError, match=r"gone.ckpt: no checkpoint \(listed in evaluate.captioner_ensemble\)"):
         run_evaluation(r, "captioner", checkpoint_path(p, "captioner"))
 
 
@@ -136,6 +145,54 @@ def test_reranked_captions_are_the_beam_candidates_the_nearest_training_images_a
     assert 0.0 <= m["reranked_fraction"] <= 1.0 and 0.0 <= m["beam_cider"] <= 10.0
     plain = run_evaluation(trained["params"], "captioner", checkpoint_path(p, "captioner")).metrics
     assert m["nn_cider"] == plain["nn_cider"]  # the baseline does not depend on decoding
+
+
+def test_capline_caption_decodes_as_evaluation_scores_with_an_ensemble_and_reranking(trained, second_captioner):
+    """`capline caption --ensemble --rerank` on the test images' files writes the captions evaluate@captioner scored
+    with the same settings (evaluate.captioner_ensemble, evaluate.rerank_neighbours)."""
+    settings = {"evaluate.rerank_neighbours": 3, "evaluate.beam_size": 4}
+    q = validate_params(apply_overrides(trained["params"].to_dict(),
+                                        {**settings, "evaluate.captioner_ensemble": [str(second_captioner)]}))
+    scored = run_evaluation(q, "captioner", checkpoint_path(q, "captioner")).examples.images
+    assert scored[0].image_index == 0 and len(scored) == q.report.test_images
+    files = [str(Path(q.data.coco.images) / ex.file_name) for ex in scored]
+    sets = [arg for s in trained["set"] for arg in ("--set", s)]
+    result = runner.invoke(app, ["caption", *files, "--beam", "4", "--rerank", "3", "--ensemble",
+                                 str(second_captioner), *sets])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f"{f}: {ex.caption}" for f, ex in zip(files, scored, strict=True)]
+    # the same system through params alone; and without reranking the beam's best of the ensemble
+    sets_q = [arg for s in [*trained["set"], "evaluate.rerank_neighbours=3", "evaluate.beam_size=4",
+                            f"evaluate.captioner_ensemble=[{json.dumps(str(second_captioner))}]"]
+              for arg in ("--set", s)]
+    assert runner.invoke(app, ["caption", *files, *sets_q]).stdout == result.stdout
+    plain = run_evaluation(validate_params(apply_overrides(q.to_dict(), {"evaluate.rerank_neighbours": 0})),
+                           "captioner", checkpoint_path(q, "captioner")).examples.images
+    result = runner.invoke(app, ["caption", *files, "--rerank", "0", *sets_q])
+    assert result.stdout.splitlines() == [f"{f}: {ex.caption}" for f, ex in zip(files, plain, strict=True)]
+
+
+def test_capline_caption_names_a_missing_member_or_missing_training_images_in_one_line(trained, prepared_params,
+                                                                                        tmp_path):
+    image = sorted((Path(prepared_params.paths.sample) / "images").glob("*.jpg"))[0]
+    sets = ["--params", str(ROOT / "params.yaml"), *[arg for s in trained["set"] for arg in ("--set", s)]]
+    gone = tmp_path / "gone.ckpt"
+    out = subprocess.run([sys.executable, "-m", "pipeline", "caption", str(image), "--ensemble", str(gone), *sets],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stderr.strip() == f"capline: {gone}: no checkpoint (listed in --ensemble)", (
+        out.stderr)
+    empty = tmp_path / "nothing-prepared"
+    out = subprocess.run([sys.executable, "-m", "pipeline", "caption", str(image), "--rerank", "2", *sets,
+                          "--set", f"paths.coco={empty}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    missing = empty / "train" / "captions.jsonl"
+    assert out.stderr.strip().startswith(f"capline: {missing}: no prepared training captions to rerank over"), (
+        out.stderr)
+    module = load_module("captioner", checkpoint_path(trained["params"], "captioner"))
+    size = module.hparams["image_size"]
+    module.hparams["image_size"] = 2 * size  # as if trained on images prepared at another size
+    with pytest.raises(ValueError, match=f"training images are {size} px, the captioner was trained on {2 * size} px"):
+        caption_neighbours(trained["params"], module, 2)
 
 
 @pytest.mark.parametrize("family", ["lstm_lm", "transformer_lm"])

@@ -37,11 +37,13 @@ def checkpoint_step(path: str | Path) -> int:
     return read_checkpoint(path)["global_step"]
 
 
-def load_module(family: str, checkpoint: str | Path, device: str = "cpu") -> pl.LightningModule:
-    """A trained module from a checkpoint (weights_only: checkpoints never unpickle code)."""
+def load_module(family: str, checkpoint: str | Path, device: str = "cpu", missing: str | None = None
+                ) -> pl.LightningModule:
+    """A trained module from a checkpoint (weights_only: checkpoints never unpickle code); `missing`: what the
+    error for an absent file says after its name (default: train first)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no checkpoint (train first: capline train {family})")
+        raise FileNotFoundError(f"{checkpoint}: no checkpoint ({missing or f'train first: capline train {family}'})")
     hparams = read_checkpoint(checkpoint).get("hyper_parameters", {})  # a damaged file: an error naming it
     cls = family_record(family).lightning_module()
     module = cls.load_from_checkpoint(checkpoint, map_location=device, weights_only=True,
