@@ -17,7 +17,6 @@ import torch
 from bench.common import Context, Figure, case
 from bench.workspace import prepared
 from pipeline.decoding import beam_search
-from pipeline.params import apply_overrides, validate_params
 from pipeline.training.checkpoints import load_module
 from pipeline.training.datamodules import CaptionDataModule
 from pipeline.training.fit import build_datamodule, build_module, train, vocabulary
@@ -33,7 +32,7 @@ def captioner(ctx: Context) -> tuple[CaptioningModule, CaptionDataModule, str]:
     if ctx.quick:
         dm = build_datamodule(p, "captioner", vocabulary(p, "captioner"))
         return build_module(p, "captioner", vocabulary(p, "captioner"), dm).eval(), dm, "untrained (--quick)"
-    p = validate_params(apply_overrides(p.to_dict(), {"train.captioner.max_epochs": TRAIN_EPOCHS}))
+    p = p.overridden({"train.captioner.max_epochs": TRAIN_EPOCHS})
     quiet = logging.getLogger("pytorch_lightning")
     level, quiet.level = quiet.level, logging.WARNING
     try:

@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, ROOT, SHARED_DATA, machine, now
 from pipeline.io import write_json
-from pipeline.params import Params, apply_overrides, load_params, parse_assignments, validate_params
+from pipeline.params import Params, load_params, parse_assignments
 
 log = logging.getLogger("bench.coco_quality")
 
@@ -61,13 +61,8 @@ def split_params(root: Path, split: int, overrides: dict[str, Any]) -> Params:
 
 def member_params(p: Params, member: int) -> Params:
     """The same recipe and prepared split for ensemble member `member` >= 1: its own seed and models folder."""
-    return with_settings(p, {"seed": p.seed + 100 * member,
+    return p.overridden({"seed": p.seed + 100 * member,
                              "paths.models": str(Path(p.paths.models).with_name(f"models-member-{member}"))})
-
-
-def with_settings(p: Params, settings: dict[str, Any]) -> Params:
-    """p with dotted keys set, validated again."""
-    return validate_params(apply_overrides(p.to_dict(), settings))
 
 
 def run_split(p: Params, members: int = 1) -> dict[str, Any]:
@@ -90,7 +85,7 @@ def run_split(p: Params, members: int = 1) -> dict[str, Any]:
     result = train(p, "captioner", logger=False)
     others = [train(member_params(p, i), "captioner", logger=False).best_checkpoint for i in range(1, members)]
     train_s = time.perf_counter() - started
-    scores = evaluate(with_settings(p, {"evaluate.captioner_ensemble": others}), "captioner", result.best_checkpoint)
+    scores = evaluate(p.overridden({"evaluate.captioner_ensemble": others}), "captioner", result.best_checkpoint)
     refs = CaptionDataModule(p.paths.coco, None, 1, 1, 0, p.seed).references("test")
     constant = caption_scores(refs, {k: CONSTANT_CAPTION for k in refs}, meteor=False)
     return {**{k: scores[k] for k in (*SHOWN, *FLAWS)}, **{f"nn_{k}": scores[f"nn_{k}"] for k in SHOWN},

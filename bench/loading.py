@@ -16,7 +16,7 @@ from bench.common import Context, Figure, Timing, case
 from bench.training import Workload, captioner_workload, lm_workload, step_fn
 from bench.workspace import prepared
 from pipeline.families import FAMILIES
-from pipeline.params import Params, apply_overrides, validate_params
+from pipeline.params import Params
 from pipeline.training.datamodules import CaptionDataModule
 from pipeline.training.fit import build_datamodule, caption_max_len, vocabulary
 
@@ -30,7 +30,7 @@ def family_params(ctx: Context) -> Params:
     p = prepared(ctx)
     if ctx.device.type != "cuda":
         return p
-    return validate_params(apply_overrides(p.to_dict(), {f"train.{f}.batch_size": b for f, b in GPU_BATCH.items()}))
+    return p.overridden({f"train.{f}.batch_size": b for f, b in GPU_BATCH.items()})
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def _rates_for(ctx: Context, p: Params, family: str) -> list[Figure]:
     ]
     workers = os.cpu_count() or 1
     if not ctx.quick and workers > 1 and p.train.num_workers != workers:
-        pw = validate_params(apply_overrides(p.to_dict(), {"train.num_workers": workers}))
+        pw = p.overridden({"train.num_workers": workers})
         many = build_datamodule(pw, family, vocabulary(pw, family)).train_dataloader()
         mtiming, mn = loader_timing(ctx, many, device)  # the warm-up pass starts the persistent workers
         rate, spread = mtiming.rate(mn)

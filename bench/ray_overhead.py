@@ -15,7 +15,7 @@ import time
 
 from bench.common import Context, Figure, case
 from bench.workspace import prepared
-from pipeline.params import Params, apply_overrides, validate_params
+from pipeline.params import Params
 
 FAMILY = "lstm_lm"
 SMALL_MODEL = {"models.lstm_lm.embed_size": 32, "models.lstm_lm.hidden_size": 64, "models.lstm_lm.layers": 1,
@@ -27,10 +27,10 @@ def sweep_params(ctx: Context, name: str, workers: int, trials: int) -> Params:
     p = prepared(ctx)
     root = ctx.scratch / f"ray_{name}"
     s = f"sweep.{FAMILY}"
-    return validate_params(apply_overrides(p.to_dict(), {
+    return p.overridden({
         **SMALL_MODEL, "paths.ray_storage": str(root / "ray"), "paths.models": str(root / "models"),
         "tracking.uri": f"sqlite:///{root / 'mlflow.db'}", f"{s}.num_samples": trials, f"{s}.max_epochs": 1,
-        f"{s}.grace_period": 1, f"{s}.num_workers": workers, f"{s}.cpus_per_worker": 1, f"{s}.max_failures": 0}))
+        f"{s}.grace_period": 1, f"{s}.num_workers": workers, f"{s}.cpus_per_worker": 1, f"{s}.max_failures": 0})
 
 
 def _sweep(ctx: Context, name: str, workers: int, trials: int, target: float | None) -> list[Figure]:

@@ -553,6 +553,10 @@ class Params(Section):
         """Plain nested dict (for logging and hashing)."""
         return self.model_dump(mode="json")
 
+    def overridden(self, overrides: Mapping[str, Any] | Iterable[str], source: str = "params") -> Params:
+        """A copy with dotted-key overrides applied, validated like params.yaml (errors name `source` and the key)."""
+        return validate_params(apply_overrides(self.to_dict(), overrides, source=source), source=source)
+
 
 def flatten_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested params as {dotted key: leaf value} (lists are leaves)."""

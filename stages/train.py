@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.families import FAMILIES
 from pipeline.io import read_json, write_json, write_metrics
-from pipeline.params import Params, apply_overrides, load_params, validate_params
+from pipeline.params import Params, load_params
 from pipeline.runtime import set_threads
 from pipeline.training.checkpoints import checkpoint_path
 from pipeline.training.fit import data_paths, run_params, train
@@ -34,7 +34,7 @@ def with_best_config(p: Params, family: str) -> tuple[Params, dict]:
     overrides = read_json(path).get("overrides")
     if not isinstance(overrides, dict):
         raise ValueError(f"{path}: field 'overrides' must be an object of dotted params keys")
-    return validate_params(apply_overrides(p.to_dict(), overrides, source=str(path)), source=str(path)), overrides
+    return p.overridden(overrides, source=str(path)), overrides
 
 
 RESUME_KEY = "resume_key.json"

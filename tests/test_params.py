@@ -67,6 +67,17 @@ def test_unknown_override_key_is_rejected():
         load_params(ROOT / "params.yaml", {"vocabulary.min_freq": 2})
 
 
+def test_overridden_params_are_a_validated_copy():
+    base = load_params(ROOT / "params.yaml")
+    p = base.overridden({"vocab.min_freq": 7}, source="sweep.captioner trial")
+    assert (p.vocab.min_freq, base.vocab.min_freq) == (7, load_params(ROOT / "params.yaml").vocab.min_freq)
+    assert p.overridden(["vocab.min_freq=2"]).vocab.min_freq == 2  # key=value strings too
+    with pytest.raises(ParamsError, match=r"^sweep.captioner trial: override vocab.min_freqq: unknown key"):
+        base.overridden({"vocab.min_freqq": 2}, source="sweep.captioner trial")
+    with pytest.raises(ParamsError, match=r"^invalid params: bench: vocab.min_freq: .*greater than or equal to 1"):
+        base.overridden({"vocab.min_freq": 0}, source="bench")
+
+
 def test_assignments_parse_yaml_values():
     assert parse_assignments(["a.b=3", "c=[x, y]", "d=null", "e=1.5e-3", "f=3e-3", "g=1e"]) == {
         "a.b": 3, "c": ["x", "y"], "d": None, "e": 1.5e-3, "f": 3e-3, "g": "1e"}

@@ -19,7 +19,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from pipeline import tracking
 from pipeline.families import FAMILIES
 from pipeline.families import family as family_record
-from pipeline.params import Params, SweepFamilyParams, apply_overrides, domain_values, validate_params
+from pipeline.params import Params, SweepFamilyParams, domain_values
 from pipeline.sweep_results import SweepResult, metric_figure, summarise
 from pipeline.training.fit import build_datamodule, check_epoch_fraction, vocabulary
 from pipeline.tuning import records, state
@@ -136,7 +136,7 @@ def check_trial_epochs(p: Params, family: str, s: SweepFamilyParams) -> None:
     if key in s.space:  # the largest batch size the space can draw gives the fewest batches
         (kind, values), = s.space[key].items()
         overrides[key] = int(max(values)) - (kind == "randint")  # randint's upper bound is exclusive
-    trial = validate_params(apply_overrides(p.to_dict(), overrides))
+    trial = p.overridden(overrides)
     check_epoch_fraction(trial, family, build_datamodule(trial, family, vocabulary(trial, family)))
 
 

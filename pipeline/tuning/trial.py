@@ -80,7 +80,7 @@ class TrialContext:
     def runtime(self, p: Params) -> Params:
         """The same params with every path absolute, so a trial finds the data whatever its cwd."""
         paths = {f"paths.{k}": absolute(v, self.root) for k, v in p.paths.model_dump().items()}
-        return validate_params(apply_overrides(p.to_dict(), paths))
+        return p.overridden(paths)
 
 
 def open_child(ctx: TrialContext, trial_id: str, p: Params) -> str:
