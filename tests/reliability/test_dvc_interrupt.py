@@ -87,11 +87,11 @@ def test_an_interrupted_final_training_continues_from_its_checkpoint_on_the_next
     from tests.test_dvc_pipeline import TINY_SWEEPS, init_repo
 
     corpus = tiny_corpus(tmp_path / "repo" / "corpus")
+    epochs = 20  # long enough to be interrupted after epoch 3 (a tiny epoch takes ~0.3 s), short to finish after
     params = {**TINY, **TINY_SWEEPS, "data.text.files": [str(corpus.relative_to(tmp_path / "repo"))],
-              "train.lstm_lm.early_stopping_patience": 0}
+              "train.lstm_lm.early_stopping_patience": 0, "train.lstm_lm.max_epochs": epochs}
     repo = init_repo(tmp_path / "repo", params)
-    sh(repo, "dvc", "repro", "sweep@lstm_lm")
-    write_params(repo, {**params, "train.lstm_lm.max_epochs": 60})  # long enough to be interrupted
+    sh(repo, "dvc", "repro", "sweep@lstm_lm")  # its trials' epochs are sweep.lstm_lm's: the sweep runs once
     env = {**os.environ, **GIT_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log_path = tmp_path / "repro.log"
     with open(log_path, "w") as log:
@@ -99,7 +99,7 @@ def test_an_interrupted_final_training_continues_from_its_checkpoint_on_the_next
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=default_sigint)
     try:
         deadline = time.time() + 600  # liveness only
-        while "train lstm_lm: epoch 3/60" not in log_path.read_text():
+        while f"train lstm_lm: epoch 3/{epochs}" not in log_path.read_text():
             assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
@@ -108,15 +108,15 @@ def test_an_interrupted_final_training_continues_from_its_checkpoint_on_the_next
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    before = [int(e) for e in re.findall(r"train lstm_lm: epoch (\d+)/60", log_path.read_text())]
-    assert 3 <= before[-1] < 60 and not (repo / "metrics" / "train_lstm_lm.json").exists()
+    before = [int(e) for e in re.findall(rf"train lstm_lm: epoch (\d+)/{epochs}", log_path.read_text())]
+    assert 3 <= before[-1] < epochs and not (repo / "metrics" / "train_lstm_lm.json").exists()
 
     out = sh(repo, "dvc", "repro", "train@lstm_lm")
-    after = [int(e) for e in re.findall(r"train lstm_lm: epoch (\d+)/60", out)]
+    after = [int(e) for e in re.findall(rf"train lstm_lm: epoch (\d+)/{epochs}", out)]
     assert "continuing the interrupted run" in out
     # went on, not from epoch 1: from the epoch after the last one printed, or that one again when Ctrl-C came
     # between its line and its checkpoint (the line is printed first; a loaded machine hits that window)
-    assert before[-1] <= after[0] <= before[-1] + 1 and after[-1] == 60
+    assert before[-1] <= after[0] <= before[-1] + 1 and after[-1] == epochs
     metrics = json.loads((repo / "metrics" / "train_lstm_lm.json").read_text())
-    assert metrics["epochs"] == 60 and not (repo / "artifacts" / "models" / "lstm_lm" / "resume_key.json").exists()
+    assert metrics["epochs"] == epochs and not (repo / "artifacts" / "models" / "lstm_lm" / "resume_key.json").exists()
     assert ran(sh(repo, "dvc", "repro", "train@lstm_lm")) == set()
