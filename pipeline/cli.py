@@ -249,10 +249,10 @@ def caption(
     """Caption image files with a trained captioner (decoded as evaluate@captioner decodes: ensemble, reranking)."""
     from PIL import Image
 
-    from pipeline.evaluation import caption_neighbours, captioner_ensemble
     from pipeline.inference import caption_files, load_images
     from pipeline.report.figures import attention_strip
-    from pipeline.training.checkpoints import checkpoint_path, load_module
+    from pipeline.served_files import caption_neighbours
+    from pipeline.training.checkpoints import captioner_ensemble, checkpoint_path, load_module
 
     p = _load(params, set_)
     set_threads(p.runtime.threads)

@@ -18,13 +18,13 @@ from pipeline.data.coco import read_captions
 from pipeline.data.tokenize import detokenize
 from pipeline.decoding import Hypothesis, beam_error_analysis, beam_search
 from pipeline.families import family as family_record
-from pipeline.inference import Neighbours, generate
+from pipeline.inference import generate
 from pipeline.metrics import bits, caption_flaws, caption_scores, nltk_bleu4, perplexity, unigram_cross_entropy
 from pipeline.models.ensemble import CaptionerEnsemble
 from pipeline.params import EvaluateParams, Params
 from pipeline.report.examples import CaptionExample, CaptionExamples, Examples, LanguageModelSamples
 from pipeline.rerank import rerank
-from pipeline.training.checkpoints import load_module
+from pipeline.training.checkpoints import captioner_ensemble, load_module
 from pipeline.training.datamodules import CaptionDataModule, LanguageModelDataModule
 from pipeline.training.fit import build_datamodule, vocabulary
 from pipeline.training.modules import CaptioningModule, LanguageModelModule, sequence_loss
@@ -155,39 +155,6 @@ def lm_samples(module: LanguageModelModule, prompt: str, length: int, temperatur
     """One sample per temperature continuing `prompt` for `length` tokens, each seeded with `seed`."""
     return LanguageModelSamples(prompt, length, seed, [(t, generate(module, prompt, length, t, seed=seed))
                                                         for t in temperatures])
-
-
-def captioner_ensemble(module: CaptioningModule, extra: list[str], checkpoint: str | Path,
-                       listed_in: str = "evaluate.captioner_ensemble") -> nn.Module | None:
-    """The module's captioner decoded together with those of the `extra` checkpoints (named in errors as
-    listed in `listed_in`); None without any."""
-    if not extra:
-        return None
-    members = [module.model]
-    for path in extra:
-        other = load_module("captioner", path, str(module.device), missing=f"listed in {listed_in}")
-        if other.vocab_tokens != module.vocab_tokens:
-            raise ValueError(f"{listed_in}: {path} was trained on another vocabulary than "
-                             f"{checkpoint} (ensemble members need the same vocab stage output)")
-        members.append(other.model)
-    return CaptionerEnsemble(members).eval()
-
-
-def caption_neighbours(p: Params, module: CaptioningModule, k: int) -> Neighbours:
-    """For reranking captions of any image over its k nearest prepared training images (`capline caption`): those
-    images' pooled features on the module's encoder and a CIDEr-D over their captions."""
-    captions = Path(p.paths.coco) / "train" / "captions.jsonl"
-    if not captions.is_file():
-        raise FileNotFoundError(f"{captions}: no prepared training captions to rerank over (run `dvc repro "
-                                f"prepare_coco`, or rerank 0: --rerank 0 / evaluate.rerank_neighbours: 0)")
-    dm = build_datamodule(p, "captioner", vocabulary(p, "captioner"), use_features=False)
-    dm.setup("test")
-    trained_at = int(module.hparams["image_size"])
-    if dm.image_size != trained_at:
-        raise ValueError(f"{captions.parent}: the prepared training images are {dm.image_size} px, the captioner was "
-                         f"trained on {trained_at} px: rerank over the images it was trained on (its params)")
-    train = pooled_features(module.model.encoder, dm.images_dataloader("train"), module.device)
-    return Neighbours(train, CiderD(dm.references("train")), k, p.evaluate.rerank_weight)
 
 
 def run_evaluation(p: Params, family: str, checkpoint: str | Path, split: str = "test") -> Evaluation:

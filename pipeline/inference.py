@@ -17,10 +17,9 @@ from pipeline.baselines import nearest_images, pooled_features
 from pipeline.data.images import ImageLimits, ImageSkip, load_image
 from pipeline.data.tokenize import detokenize, tokenize
 from pipeline.decoding import Hypothesis, beam_search, generate_text
-from pipeline.rerank import rerank
+from pipeline.rerank import Neighbours, rerank
 from pipeline.tokens import END_ID
 from pipeline.training.modules import CaptioningModule, LanguageModelModule
-from pipeline.training.scst import CiderD
 
 
 @dataclass
@@ -45,17 +44,6 @@ def load_images(paths: list[Path], size: int) -> np.ndarray:
         except ImageSkip as err:
             raise ValueError(f"{path}: cannot use this image ({err.reason}: {err})") from None
     return np.stack(arrays)
-
-
-@dataclass
-class Neighbours:
-    """What consensus reranking (pipeline.rerank) needs: the training images' pooled encoder features
-    (image_index list, (N, C)), a CIDEr-D over their reference captions, how many vote, the beam score's weight."""
-
-    train: tuple[list[int], Tensor]
-    cider: CiderD
-    k: int
-    weight: float = 0.0
 
 
 @torch.no_grad()
@@ -173,13 +161,15 @@ def record_bytes(index: int, value: object, column: str) -> bytes:
 
 
 def caption_bytes(module: CaptioningModule, images: list[object], beam_size: int, alpha: float,
-                  max_pixels: int | None = None, column: str = "image", *, no_repeat_ngram: int = 0) -> list[str]:
+                  max_pixels: int | None = None, column: str = "image", *, no_repeat_ngram: int = 0,
+                  model: nn.Module | None = None, neighbours: Neighbours | None = None) -> list[str]:
     """Captions for encoded images given as bytes or base64 text (what a served model receives).
 
     Images are decoded one at a time and shrunk at once, so memory holds one full-size image; an image
     of more than max_pixels (width x height, from its header) is refused before any pixel is decoded.
-    Bad records raise BadRecords naming each of them; nothing is captioned then. no_repeat_ngram is keyword-only
-    and 0 by default: a model registered before it runs its own older served_model.py, which never passes it.
+    Bad records raise BadRecords naming each of them; nothing is captioned then. no_repeat_ngram, model and
+    neighbours (caption_array's) are keyword-only with the old behaviour by default: a model registered before
+    them runs its own older served_model.py, which never passes them.
     """
     size = int(module.hparams["image_size"])
     limits = ImageLimits(max_bytes=None, max_pixels=max_pixels)
@@ -199,5 +189,6 @@ def caption_bytes(module: CaptioningModule, images: list[object], beam_size: int
         raise BadRecords(bad)
     if not arrays:
         return []
-    captions = caption_array(module, np.stack(arrays), beam_size, alpha, no_repeat_ngram=no_repeat_ngram)
+    captions = caption_array(module, np.stack(arrays), beam_size, alpha, no_repeat_ngram=no_repeat_ngram,
+                             model=model, neighbours=neighbours)
     return [detokenize(words) for words, _ in captions]

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from pipeline.families import FAMILIES
+from pipeline.families import family as family_record
 from pipeline.io import read_json, write_json, write_metrics
 from pipeline.params import Params, load_params
 from pipeline.runtime import set_threads
@@ -75,6 +77,26 @@ def tracked_logger(p: Params, family: str) -> Any:
     return mlf
 
 
+def register_champion(p: Params, family: str, run_id: str, checkpoint: str) -> dict[str, str]:
+    """Register the checkpoint as capline-<family>@champion, served as evaluate@ decodes it (a captioner: with
+    evaluate.captioner_ensemble's members and evaluate.rerank_neighbours' training images)."""
+    from pipeline import tracking
+    from pipeline.served_files import decoding_files
+
+    e = p.evaluate
+    served = {"beam_size": e.beam_size, "alpha": e.alpha, "no_repeat_ngram": e.no_repeat_ngram,
+              "ensemble_members": 1, "rerank_neighbours": 0, "rerank_weight": 0.0, "sample_length": e.sample_length,
+              **p.serve.model_dump(exclude={"max_request_bytes"})}
+    with tempfile.TemporaryDirectory(prefix="capline-served-") as tmp:
+        extra = {}
+        if family_record(family).captions:
+            extra = decoding_files(p, checkpoint, Path(tmp))
+            served.update(ensemble_members=1 + len(e.captioner_ensemble), rerank_neighbours=e.rerank_neighbours,
+                          rerank_weight=e.rerank_weight)
+        return tracking.register_checkpoint(p.tracking.uri, run_id, family, checkpoint, served, alias="champion",
+                                            extra=extra)
+
+
 def run(p: Params, family: str, resume: bool = False, best: bool = False, register: bool = False,
         persist: bool = False) -> dict:
     """Fit `family` (optionally with the sweep's best config); write metrics/train_<family>.json.
@@ -98,13 +120,7 @@ def run(p: Params, family: str, resume: bool = False, best: bool = False, regist
 
         tracking.log_artifact(result.run_id, result.best_checkpoint, "checkpoints")
     if register and result.run_id:
-        from pipeline import tracking
-
-        served = {"beam_size": p.evaluate.beam_size, "alpha": p.evaluate.alpha,  # serve as evaluation decodes
-                  "no_repeat_ngram": p.evaluate.no_repeat_ngram, "sample_length": p.evaluate.sample_length,
-                  **p.serve.model_dump(exclude={"max_request_bytes"})}
-        metrics["registered"] = tracking.register_checkpoint(
-            p.tracking.uri, result.run_id, family, result.best_checkpoint, served, alias="champion")
+        metrics["registered"] = register_champion(p, family, result.run_id, result.best_checkpoint)
     write_metrics(Path(p.paths.metrics) / f"train_{family}.json", metrics)
     print(f"train {family}: best {result.monitor} {result.best_score:.4f} after {result.epochs} epochs; "
           f"checkpoint {result.best_checkpoint}")

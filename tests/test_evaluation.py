@@ -18,11 +18,12 @@ from pipeline import decoding
 from pipeline.cli import app
 from pipeline.data.coco import read_captions
 from pipeline.data.tokenize import detokenize
-from pipeline.evaluation import caption_neighbours, evaluate, run_evaluation
+from pipeline.evaluation import evaluate, run_evaluation
 from pipeline.inference import caption_images, generate, prompt_ids
 from pipeline.metrics import caption_scores
 from pipeline.params import apply_overrides, load_params, validate_params
 from pipeline.rerank import consensus, rerank
+from pipeline.served_files import caption_neighbours
 from pipeline.training.checkpoints import checkpoint_path, load_module
 from pipeline.training.fit import build_datamodule, build_module, train, vocabulary
 from tests.conftest import ROOT, overrides_under

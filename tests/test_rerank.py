@@ -3,9 +3,11 @@ do not care."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
-from pipeline.rerank import consensus, rerank
+from pipeline.rerank import Neighbours, consensus, load_neighbours, rerank, save_neighbours
 from pipeline.training.scst import CiderD
 
 TRAIN_REFS = {
@@ -34,3 +36,29 @@ def test_ties_keep_the_beams_order(weight):
     many = {i: [("a green triangle", -0.5), ("a blue square", -0.2), ("a red circle", -0.9)] for i in range(3)}
     chosen = rerank(many, {0: [10], 1: [12], 2: [13]}, cider, weight)
     assert chosen == {0: 2, 1: 1, 2: 0}
+
+
+def test_saved_neighbours_load_back_as_plain_arrays_and_a_bad_file_is_named(tmp_path):
+    features = torch.nn.functional.normalize(torch.randn(4, 6), dim=1)
+    saved = Neighbours((list(TRAIN_REFS), features), CiderD(TRAIN_REFS), k=2, weight=0.5)
+    path = tmp_path / "neighbours.npz"
+    save_neighbours(saved, path)
+    loaded = load_neighbours(path, k=3, weight=0.0)
+    assert loaded.train[0] == [10, 11, 12, 13] and torch.equal(loaded.train[1], features)
+    assert loaded.cider.references == TRAIN_REFS and (loaded.k, loaded.weight) == (3, 0.0)
+    assert loaded.cider.score("a red circle on the left", 10) == saved.cider.score("a red circle on the left", 10)
+    assert [p.name for p in tmp_path.iterdir()] == ["neighbours.npz"]  # written through a renamed temporary
+
+    arrays = dict(np.load(path))
+    np.savez(tmp_path / "pickled.npz", **{**arrays, "captions": np.array([object()] * 12, dtype=object)})
+    with pytest.raises(ValueError, match=r"pickled.npz: not a reranking neighbours file \(ValueError: Object arr"):
+        load_neighbours(tmp_path / "pickled.npz", 2, 0.0)  # never unpickled
+    np.savez(tmp_path / "partial.npz", **{k: v for k, v in arrays.items() if k != "keys"})
+    with pytest.raises(ValueError, match=r"partial.npz: not a reranking neighbours file \(KeyError"):
+        load_neighbours(tmp_path / "partial.npz", 2, 0.0)
+    np.savez(tmp_path / "short.npz", **{**arrays, "keys": arrays["keys"][:3]})
+    with pytest.raises(ValueError, match=r"short.npz: expected features \(N, C\), keys \(N,\)"):
+        load_neighbours(tmp_path / "short.npz", 2, 0.0)
+    np.savez(tmp_path / "stray.npz", **{**arrays, "caption_keys": arrays["caption_keys"] + 100})
+    with pytest.raises(ValueError, match=r"stray.npz: caption 'a red circle on the left' belongs to image 110"):
+        load_neighbours(tmp_path / "stray.npz", 2, 0.0)

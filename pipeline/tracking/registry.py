@@ -33,8 +33,8 @@ from pipeline.tracking.store import MAX_TAG_VALUE, use
 
 MODEL_CODE = Path(__file__).with_name("served_model.py")  # logged as the model's code, never imported by it
 DIGESTS_TAG = "capline.sha256"  # model-version tag: {relative path: sha256} of every file of the model
-CONFIG_KEYS = ("beam_size", "alpha", "no_repeat_ngram", "sample_length", "temperature", "max_records",
-               "max_image_pixels")
+CONFIG_KEYS = ("beam_size", "alpha", "no_repeat_ngram", "ensemble_members", "rerank_neighbours", "rerank_weight",
+               "sample_length", "temperature", "max_records", "max_image_pixels")
 SERVE_KEYS = ("temperature", "max_records", "max_image_pixels")  # what `capline serve` may override
 # Every distribution the served model imports (capline's code included), pinned to the version that trained
 # it. Listed, not inferred: MLflow would load the model in a subprocess (slow);
@@ -123,24 +123,30 @@ def served_config(family: str, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def register_checkpoint(uri: str, run_id: str, family: str, checkpoint: str | Path, config: Mapping[str, Any],
-                        alias: str = "champion") -> dict[str, str]:
+                        alias: str = "champion", extra: Mapping[str, str | Path] | None = None) -> dict[str, str]:
     """Log `checkpoint` as a models-from-code pyfunc in run `run_id`, register it as `capline-<family>`,
     record the sha256 of each of its files on the version, then point `alias` at it.
 
-    config: beam_size, alpha, no_repeat_ngram, sample_length (decoding as evaluation does it), temperature,
-    max_records, max_image_pixels; stored in the model's MLmodel as model_config.
+    config: beam_size, alpha, no_repeat_ngram, ensemble_members, rerank_neighbours, rerank_weight (decoding as
+    evaluation does it), sample_length, temperature, max_records, max_image_pixels; stored in the model's MLmodel
+    as model_config. extra: more files the served model reads, by artifact name (an ensemble's other members
+    `member-<i>`, the reranking `neighbours`); their file names must differ from each other and the checkpoint's.
     """
     model_config = served_config(family, config)
+    files = {"checkpoint": Path(checkpoint), **{name: Path(path) for name, path in (extra or {}).items()}}
+    if len({path.name for path in files.values()}) < len(files):  # MLflow keeps artifacts by file name
+        raise ValueError(f"register {family}: the model's files need distinct names, got "
+                         f"{sorted(str(path) for path in files.values())}")
     use(uri)
     client = MlflowClient()
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), model_config=model_config,
-                                       artifacts={"checkpoint": str(checkpoint)}, signature=signature(family),
-                                       pip_requirements=pinned_requirements())
+                                       artifacts={name: str(path) for name, path in files.items()},
+                                       signature=signature(family), pip_requirements=pinned_requirements())
     with tempfile.TemporaryDirectory(prefix="capline-register-") as tmp:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp))
         digests = file_digests(folder)
-    _check_uploaded(digests, Path(checkpoint))
+    _check_uploaded(digests, list(files.values()))
     manifest = json.dumps(digests, sort_keys=True)
     if len(manifest) > MAX_TAG_VALUE:
         raise ValueError(f"{info.model_uri}: {len(digests)} files, too many to record their digests")
@@ -161,9 +167,9 @@ def record_scores(uri: str, name: str, version: str, scores: Mapping[str, Any], 
     client.update_model_version(name, version, description=headline)
 
 
-def _check_uploaded(digests: Mapping[str, str], checkpoint: Path) -> None:
-    """The uploaded code and checkpoint are the ones given (what the digests seal is what was logged)."""
-    expected = {MODEL_CODE.name: sha256(MODEL_CODE), f"artifacts/{checkpoint.name}": sha256(checkpoint)}
+def _check_uploaded(digests: Mapping[str, str], files: list[Path]) -> None:
+    """The uploaded code, checkpoint and other files are the ones given (what the digests seal is what was logged)."""
+    expected = {MODEL_CODE.name: sha256(MODEL_CODE), **{f"artifacts/{path.name}": sha256(path) for path in files}}
     wrong = [rel for rel, digest in expected.items() if digests.get(rel) != digest]
     if wrong:
         raise ValueError(f"the logged model's {', '.join(wrong)} differ from the files logged; register again")

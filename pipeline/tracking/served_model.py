@@ -3,8 +3,10 @@ file, its settings (model_config in MLmodel) and a Lightning checkpoint, and no 
 file and reads the checkpoint with `torch.load(weights_only=True)`. `capline serve` runs it only after every
 file of the model has matched the digests recorded in the registry (pipeline/tracking/registry.py).
 
-model_config: `family`; decoding as evaluation does it (`beam_size`, `alpha`, `no_repeat_ngram`,
-`sample_length`) and the language models' `temperature`; the request caps `max_records` and `max_image_pixels`.
+model_config: `family`; decoding as evaluation does it (`beam_size`, `alpha`, `no_repeat_ngram`, a captioner's
+`ensemble_members` (its other members are the artifacts `member-1`, ...) and `rerank_neighbours` / `rerank_weight`
+(the training images' features and captions are the artifact `neighbours`, plain arrays), `sample_length`) and
+the language models' `temperature`; the request caps `max_records` and `max_image_pixels`.
 
 A bad request is answered 400 with a message naming each bad record and its problem ("record 2: 'image' is
 not valid base64"); anything else 500 with a generic message (the traceback goes to the server log only).
@@ -22,8 +24,8 @@ from mlflow.pyfunc import PythonModel
 
 log = logging.getLogger("capline.serve")
 
-CONFIG_KEYS = ("family", "beam_size", "alpha", "no_repeat_ngram", "sample_length", "temperature", "max_records",
-               "max_image_pixels")
+CONFIG_KEYS = ("family", "beam_size", "alpha", "no_repeat_ngram", "ensemble_members", "rerank_neighbours",
+               "rerank_weight", "sample_length", "temperature", "max_records", "max_image_pixels")
 EXAMPLE = {"image": '{"dataframe_records": [{"image": "<base64 of an image file>"}]}',
            "prompt": '{"dataframe_records": [{"prompt": "The "}]}'}
 
@@ -66,6 +68,20 @@ class CaplineModel(PythonModel):
         self.config = config
         self.column = family(config["family"]).served_input
         self.module = load_module(config["family"], context.artifacts["checkpoint"])
+        self.model = self.neighbours = None  # one model's beam unless registered as an ensemble / with reranking
+        if self.column == "image":
+            self._load_decoding(context.artifacts)
+
+    def _load_decoding(self, artifacts: dict[str, str]) -> None:
+        """The ensemble's other members and the reranking neighbours that model_config asks for."""
+        from pipeline.rerank import load_neighbours
+        from pipeline.training.checkpoints import captioner_ensemble
+
+        members = [artifacts[f"member-{i}"] for i in range(1, int(self.config["ensemble_members"]))]
+        self.model = captioner_ensemble(self.module, members, artifacts["checkpoint"], "the registered model")
+        k = int(self.config["rerank_neighbours"])
+        if k > 0:
+            self.neighbours = load_neighbours(artifacts["neighbours"], k, float(self.config["rerank_weight"]))
 
     def predict(self, context, model_input, params=None):  # no hints: MLflow would try to enforce them
         from pipeline.inference import BadRecords
@@ -98,7 +114,8 @@ class CaplineModel(PythonModel):
         if self.column == "image":
             return inference.caption_bytes(self.module, values, int(self.config["beam_size"]),
                                            float(self.config["alpha"]), int(self.config["max_image_pixels"]),
-                                           no_repeat_ngram=int(self.config["no_repeat_ngram"]))
+                                           no_repeat_ngram=int(self.config["no_repeat_ngram"]), model=self.model,
+                                           neighbours=self.neighbours)
         bad = [inference.BadRecord(i, "no 'prompt'" if v is None or v != v  # None or NaN: the record lacks it
                                    else f"'prompt' must be text, not {type(v).__name__}")
                for i, v in enumerate(values) if not isinstance(v, str)]

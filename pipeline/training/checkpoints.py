@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.families import family as family_record
+from pipeline.models.ensemble import CaptionerEnsemble
 from pipeline.params import Params
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,22 @@ def load_module(family: str, checkpoint: str | Path, device: str = "cpu", missin
     module = cls.load_from_checkpoint(checkpoint, map_location=device, weights_only=True,
                                       embeddings=embedding_placeholder(hparams))
     return module.eval()
+
+
+def captioner_ensemble(module: pl.LightningModule, extra: list[str], checkpoint: str | Path,
+                       listed_in: str = "evaluate.captioner_ensemble") -> CaptionerEnsemble | None:
+    """The module's captioner decoded together with those of the `extra` checkpoints (named in errors as
+    listed in `listed_in`); None without any."""
+    if not extra:
+        return None
+    members = [module.model]
+    for path in extra:
+        other = load_module("captioner", path, str(module.device), missing=f"listed in {listed_in}")
+        if other.vocab_tokens != module.vocab_tokens:
+            raise ValueError(f"{listed_in}: {path} was trained on another vocabulary than "
+                             f"{checkpoint} (ensemble members need the same vocab stage output)")
+        members.append(other.model)
+    return CaptionerEnsemble(members).eval()
 
 
 def embedding_placeholder(hparams: dict[str, Any]) -> np.ndarray | None:

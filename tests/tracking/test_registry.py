@@ -3,6 +3,7 @@ sealed by the digests of its files, that decodes with the params evaluation uses
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -11,8 +12,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import tracking
+from pipeline import inference, tracking
+from pipeline.decoding import beam_search
+from pipeline.inference import caption_bytes
+from pipeline.models.ensemble import CaptionerEnsemble
+from pipeline.rerank import rerank
+from pipeline.served_files import caption_neighbours
 from pipeline.tracking.registry import DIGESTS_TAG, compare_files, serve_command
+from pipeline.training.checkpoints import captioner_ensemble, load_module
+from pipeline.training.fit import train
 from stages import evaluate as evaluate_stage
 from stages import train as train_stage
 from tests.conftest import params_under
@@ -41,7 +49,8 @@ def test_registered_champion_loads_and_predicts_with_the_evaluate_settings(prepa
     mlmodel = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
     assert mlmodel["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in mlmodel
     assert mlmodel["config"] == {"family": "lstm_lm", "beam_size": 4, "alpha": 0.3, "no_repeat_ngram": 2,
-                                       "sample_length": 7, "temperature": 0.6, "max_records": p.serve.max_records,
+                                 "ensemble_members": 1, "rerank_neighbours": 0, "rerank_weight": 0.0,
+                                 "sample_length": 7, "temperature": 0.6, "max_records": p.serve.max_records,
                                        "max_image_pixels": p.serve.max_image_pixels}
     assert not [f for f in folder.rglob("*") if f.suffix == ".pkl"]
 
@@ -55,6 +64,42 @@ def test_registered_champion_loads_and_predicts_with_the_evaluate_settings(prepa
     assert float(version.tags["test.bits_per_char"]) == pytest.approx(scores["bits_per_char"], rel=1e-5)
     assert version.description.startswith("test split (") and f"perplexity {scores['perplexity']:.2f}" in \
         version.description
+
+
+def test_a_champion_captioner_is_registered_with_its_ensemble_and_reranking_and_serves_them(prepared_params,
+                                                                                            tmp_path, monkeypatch):
+    """With evaluate.captioner_ensemble and evaluate.rerank_neighbours set, train@captioner registers the system
+    evaluate@captioner scores: the other members and the training images' features and captions travel with it."""
+    member = train(params_under(prepared_params, tmp_path / "member", seed=7), "captioner", logger=False)
+    p = params_under(prepared_params, tmp_path, **{"evaluate.captioner_ensemble": [member.best_checkpoint],
+                                                    "evaluate.rerank_neighbours": 3, "evaluate.rerank_weight": 0.1,
+                                                    "evaluate.beam_size": 4})
+    best = Path(p.paths.sweeps) / "captioner" / "best.json"
+    best.parent.mkdir(parents=True)
+    best.write_text(json.dumps({"overrides": {}}))
+    metrics = train_stage.run(p, "captioner", best=True, register=True)
+    folder = Path(tracking.fetch_model(p.tracking.uri, "captioner", "champion", tmp_path / "fetched")["path"])
+    config = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]["config"]
+    assert (config["ensemble_members"], config["rerank_neighbours"], config["rerank_weight"]) == (2, 3, 0.1)
+    assert {f.name for f in (folder / "artifacts").iterdir()} == {"best.ckpt", "member-1.ckpt", "neighbours.npz"}
+
+    images = sorted(Path(p.data.coco.images).glob("*.jpg"))[:3]
+    raw = [path.read_bytes() for path in images]
+    module = load_module("captioner", metrics["best_checkpoint"])
+    e = p.evaluate
+    expected = caption_bytes(module, raw, e.beam_size, e.alpha, no_repeat_ngram=e.no_repeat_ngram,
+                             model=captioner_ensemble(module, e.captioner_ensemble, metrics["best_checkpoint"]),
+                             neighbours=caption_neighbours(p, module, 3))  # weight: evaluate.rerank_weight
+    decoded, voted = [], []
+    monkeypatch.setattr(inference, "beam_search", lambda model, *a, **k: decoded.append(model) or beam_search(
+        model, *a, **k))
+    monkeypatch.setattr(inference, "rerank", lambda options, nearest, cider, weight: voted.append(
+        (nearest, weight)) or rerank(options, nearest, cider, weight))
+    served = mlflow.pyfunc.load_model(str(folder))
+    assert served.predict(pd.DataFrame({"image": [base64.b64encode(b).decode("ascii") for b in raw]})) == expected
+    assert isinstance(decoded[0], CaptionerEnsemble) and len(decoded[0].members) == 2
+    nearest, weight = voted[0]
+    assert weight == 0.1 and len(nearest) == 3 and all(len(n) == 3 for n in nearest.values())
 
 
 def test_file_digests_are_compared_file_by_file():
