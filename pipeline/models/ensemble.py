@@ -37,6 +37,9 @@ class CaptionerEnsemble(nn.Module):
         self.vocab_size = sizes[0]
         self.encoder = members[0].encoder
         self.shared_encoder = all(same_weights(m.encoder, self.encoder) for m in members[1:])
+        if self.shared_encoder:  # keep one copy of its weights, not one per member
+            for m in members[1:]:
+                m.encoder = self.encoder
         self.log_members = math.log(len(members))
 
     def encode(self, images: Tensor) -> Tensor:

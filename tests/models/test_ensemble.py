@@ -56,15 +56,18 @@ def test_members_sharing_a_frozen_encoder_run_it_once(tiny_params):
     models = members(tiny_params, "show_attend_tell", 3)
     for m in models[1:]:
         m.encoder.load_state_dict(models[0].encoder.state_dict())
+    copies = [m.encoder for m in models]
     ensemble = CaptionerEnsemble(models)
-    assert ensemble.shared_encoder
+    assert ensemble.shared_encoder and all(m.encoder is copies[0] for m in models)  # one copy kept in memory
     calls = []
-    for m in models:
-        m.encoder.register_forward_hook(lambda *_: calls.append(1))
+    for encoder in copies:
+        encoder.register_forward_hook(lambda *_: calls.append(1))
     memory = ensemble.encode(images(2, 32))
     assert len(calls) == 1 and memory.shape[:2] == (2, 3)
-    next(models[2].encoder.parameters()).data.add_(1.0)  # one member's own encoder: each encodes for itself
-    assert not CaptionerEnsemble(models).shared_encoder
+    others = members(tiny_params, "show_attend_tell", 3)
+    next(others[2].encoder.parameters()).data.add_(1.0)  # one member's own encoder: each encodes for itself
+    own = [m.encoder for m in others]
+    assert not CaptionerEnsemble(others).shared_encoder and [m.encoder for m in others] == own
 
 
 def test_select_keeps_each_member_on_its_rows(tiny_params):
