@@ -26,7 +26,7 @@ def caption_neighbours(p: Params, module: CaptioningModule, k: int) -> Neighbour
         raise FileNotFoundError(f"{captions}: no prepared training captions to rerank over (run `dvc repro "
                                 f"prepare_coco`, or rerank 0: --rerank 0 / evaluate.rerank_neighbours: 0)")
     dm = build_datamodule(p, "captioner", vocabulary(p, "captioner"), use_features=False)
-    dm.setup("test")
+    # no dm.setup(): only the split's images and captions are read, not training pairs (nor their max_len warning)
     trained_at = int(module.hparams["image_size"])
     if dm.image_size != trained_at:
         raise ValueError(f"{captions.parent}: the prepared training images are {dm.image_size} px, the captioner was "

@@ -148,7 +148,8 @@ def test_reranked_captions_are_the_beam_candidates_the_nearest_training_images_a
     assert m["nn_cider"] == plain["nn_cider"]  # the baseline does not depend on decoding
 
 
-def test_capline_caption_decodes_as_evaluation_scores_with_an_ensemble_and_reranking(trained, second_captioner):
+def test_capline_caption_decodes_as_evaluation_scores_with_an_ensemble_and_reranking(trained, second_captioner,
+                                                                                       caplog):
     """`capline caption --ensemble --rerank` on the test images' files writes the captions evaluate@captioner scored
     with the same settings (evaluate.captioner_ensemble, evaluate.rerank_neighbours)."""
     settings = {"evaluate.rerank_neighbours": 3, "evaluate.beam_size": 4}
@@ -167,6 +168,10 @@ def test_capline_caption_decodes_as_evaluation_scores_with_an_ensemble_and_reran
                             f"evaluate.captioner_ensemble=[{json.dumps(str(second_captioner))}]"]
               for arg in ("--set", s)]
     assert runner.invoke(app, ["caption", *files, *sets_q]).stdout == result.stdout
+    # the training split is only read for its images and captions: no training-time warning about max_len
+    caplog.clear()
+    short = runner.invoke(app, ["caption", *files, *sets_q, "--set", "models.captioner.max_len=3"])
+    assert short.stdout == result.stdout and not [r for r in caplog.records if "max_len" in r.getMessage()]
     plain = run_evaluation(validate_params(apply_overrides(q.to_dict(), {"evaluate.rerank_neighbours": 0})),
                            "captioner", checkpoint_path(q, "captioner")).examples.images
     result = runner.invoke(app, ["caption", *files, "--rerank", "0", *sets_q])
